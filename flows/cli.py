@@ -1,0 +1,221 @@
+"""`crawl2model`: the command line (DESIGN §6).
+
+Errors are one line on stderr and exit status 2 for bad usage or input, 1 for a failed run.
+Prefect is imported only by the commands that run flows, so `artifacts` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from tasks.lake import Lake, LakeError, Ref
+
+# Piped output (scripts, logs) gets a wide table instead of rich's 80-column default.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+class UsageError(Exception):
+    """Bad usage: exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def cmd_ls(lake: Lake, args) -> int:
+    lake.check_reachable()
+    kinds = [Ref.parse(args.kind).kind] if args.kind else lake.kinds()
+    rows = []
+    for kind in kinds:
+        aliases = lake.aliases(kind)
+        for m in lake.versions(kind):
+            names = sorted(n for n, v in aliases.items() if v == m.version)
+            rows.append({"ref": m.ref, "kind": kind, "version": m.version, "aliases": names,
+                         "created_at": m.created_at, "files": len(m.files),
+                         "bytes": sum(f["bytes"] for f in m.files), "inputs": m.inputs})
+    if args.kind and not rows and kinds[0] not in lake.kinds():
+        raise LakeError(f"unknown artifact kind {kinds[0]!r} in lake {lake.url}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"artifacts in {lake.url}")
+    for col in ("kind", "version", "aliases", "created", "files", "size", "inputs"):
+        table.add_column(col, justify="right" if col in ("files", "size") else "left")
+    for r in rows:
+        table.add_row(r["kind"], r["version"], ", ".join(r["aliases"]), r["created_at"],
+                      str(r["files"]), human_bytes(r["bytes"]), ", ".join(r["inputs"]))
+    out.print(table)
+    return 0
+
+
+def cmd_show(lake: Lake, args) -> int:
+    m = lake.resolve(args.ref)
+    if args.json:
+        print(json.dumps(m.to_json(), indent=2, sort_keys=True))
+        return 0
+    out.print(f"[bold]{m.ref}[/]  created {m.created_at}  code {m.code_version}  "
+              f"flow run {m.flow_run_id or '-'}")
+    out.print(f"inputs: {', '.join(m.inputs) or '(none)'}")
+    params = Table(title="parameters", show_header=False)
+    for k, v in sorted(m.params.items()):
+        params.add_row(k, json.dumps(v) if not isinstance(v, str) else v)
+    out.print(params)
+    if m.metrics:
+        metrics = Table(title="metrics", show_header=False)
+        for k, v in m.metrics.items():
+            metrics.add_row(k, json.dumps(v) if not isinstance(v, (str, int, float)) else str(v))
+        out.print(metrics)
+    files = Table(title=f"files ({len(m.files)})")
+    files.add_column("path")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    for f in m.files[:50]:
+        files.add_row(f["path"], human_bytes(f["bytes"]), f["sha256"][:16])
+    if len(m.files) > 50:
+        files.add_row(f"... {len(m.files) - 50} more", "", "")
+    out.print(files)
+    return 0
+
+
+def cmd_lineage(lake: Lake, args) -> int:
+    tree = lake.lineage(args.ref)
+    if args.json:
+        print(json.dumps(tree, indent=2))
+        return 0
+
+    def add(node: Tree, sub: dict) -> None:
+        for child in sub["inputs"]:
+            add(node.add(f"{child['ref']}  [dim]{child['created_at']}[/]"), child)
+
+    root = Tree(f"[bold]{tree['ref']}[/]  [dim]{tree['created_at']}[/]")
+    add(root, tree)
+    out.print(root)
+    return 0
+
+
+def cmd_tag(lake: Lake, args) -> int:
+    m = lake.tag(args.ref, args.name)
+    out.print(f"{m.kind}@{args.name} -> {m.ref}")
+    return 0
+
+
+def cmd_gc(lake: Lake, args) -> int:
+    lake.check_reachable()
+    found = lake.gc(dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, **found}, indent=2))
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    total = sum(len(v) for v in found.values())
+    for key, items in found.items():
+        for item in items:
+            out.print(f"{verb} {key}: {item}")
+    out.print(f"{verb} {total} item(s)")
+    return 0
+
+
+def cmd_verify(lake: Lake, args) -> int:
+    m = lake.resolve(args.ref)
+    bad = lake.verify(m)
+    if bad:
+        print(f"error: {m.ref}: {len(bad)} file(s) do not match their sha256: {', '.join(bad)}",
+              file=sys.stderr)
+        return 1
+    out.print(f"{m.ref}: {len(m.files)} file(s) verified")
+    return 0
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def cmd_demo(lake: Lake, args) -> int:
+    from flows.demo import demo
+
+    demo(lake.url)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="crawl2model", description="From a Common Crawl dump to a pretrained language "
+               "model, as Prefect flows over a versioned lake.")
+    p.add_argument("--lake", help="lake root URL: a folder or s3://bucket/prefix "
+                   "(default: $CRAWL2MODEL_LAKE, then ./lake)")
+    p.add_argument("--s3-endpoint", help="S3 API endpoint URL (default: $AWS_ENDPOINT_URL)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    dm = sub.add_parser("demo", help="offline end-to-end run on the embedded defaults")
+    dm.set_defaults(func=cmd_demo)
+
+    art = sub.add_parser("artifacts", help="list, inspect, tag and collect lake artifacts")
+    asub = art.add_subparsers(dest="action", required=True, parser_class=Parser)
+    ls = asub.add_parser("ls", help="committed versions, newest last")
+    ls.add_argument("kind", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    show = asub.add_parser("show", help="one version's manifest")
+    show.add_argument("ref", help="KIND, KIND@VERSION or KIND@ALIAS")
+    show.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    show.set_defaults(func=cmd_show)
+    lin = asub.add_parser("lineage", help="the tree of inputs a version was built from")
+    lin.add_argument("ref")
+    lin.add_argument("--json", action="store_true")
+    lin.set_defaults(func=cmd_lineage)
+    tag = asub.add_parser("tag", help="point a named alias at a version")
+    tag.add_argument("ref")
+    tag.add_argument("name")
+    tag.set_defaults(func=cmd_tag)
+    gc = asub.add_parser("gc", help="delete uncommitted leftovers and versions no alias reaches")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    gc.add_argument("--json", action="store_true")
+    gc.set_defaults(func=cmd_gc)
+    ver = asub.add_parser("verify", help="recompute every file's sha256 against the manifest")
+    ver.add_argument("ref")
+    ver.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.s3_endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
+        lake = Lake(args.lake)
+        return args.func(lake, args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except LakeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""What every stage does around its own work: produce a lake version (or hit the cache),
+tell Prefect about it, and hand back a ref. Stages call `run_stage` with a build function."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from pydantic import BaseModel
+
+from tasks.lake import Lake, Manifest, Production
+
+
+def _prefect_context() -> tuple[str | None, object]:
+    """The current flow run id and a logger, inside or outside Prefect."""
+    try:
+        from prefect import runtime
+        from prefect.logging import get_run_logger
+
+        run_id = runtime.flow_run.id
+        return (str(run_id) if run_id else None), get_run_logger()
+    except Exception:
+        import logging
+
+        return None, logging.getLogger("crawl2model")
+
+
+def lineage_markdown(lake: Lake, m: Manifest) -> str:
+    lines = [f"# `{m.ref}`", "", f"lake: `{lake.url}`  ", f"created: {m.created_at}  ",
+             f"code version: `{m.code_version}`", "", "## Lineage", ""]
+
+    def walk(tree: dict, depth: int) -> None:
+        lines.append(f"{'  ' * depth}- `{tree['ref']}`")
+        for child in tree["inputs"]:
+            walk(child, depth + 1)
+
+    walk(lake.lineage(m.ref), 0)
+    lines += ["", "## Parameters", "", "```json", json.dumps(m.params, indent=2), "```"]
+    if m.metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {json.dumps(v) if not isinstance(v, (int, float, str)) else v} |"
+                  for k, v in m.metrics.items()]
+    return "\n".join(lines)
+
+
+def publish(lake: Lake, m: Manifest, cached: bool) -> None:
+    """A markdown artifact per stage run: its version, lineage, parameters and metrics."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return  # not inside a Prefect run: nothing to publish to
+    create_markdown_artifact(
+        key=f"{m.kind}-version",
+        markdown=lineage_markdown(lake, m) + ("\n\n_cache hit: already built_" if cached else ""),
+        description=f"{m.ref}" + (" (cache hit)" if cached else ""),
+    )
+
+
+def run_stage(lake: Lake, kind: str, params: BaseModel, inputs: list[str], code_version: str,
+              build: Callable[[Production], None]) -> Manifest:
+    """Produce `kind` for these params and inputs, or reuse the committed version."""
+    flow_run_id, log = _prefect_context()
+    started = time.time()
+    with lake.produce(kind, params.model_dump(mode="json"), inputs, code_version,
+                      flow_run_id=flow_run_id) as prod:
+        if prod.cached:
+            log.info("%s: cache hit, already built", prod.ref)
+        else:
+            log.info("%s: building%s", prod.ref, " (resuming)" if prod.resumed else "")
+            build(prod)
+            prod.metrics.setdefault("seconds", round(time.time() - started, 3))
+    m = prod.manifest
+    assert m is not None
+    if not prod.cached:
+        log.info("%s: committed %d file(s)", m.ref, len(m.files))
+    publish(lake, m, prod.cached)
+    return m

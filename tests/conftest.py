@@ -1,0 +1,115 @@
+"""Shared fixtures: real data from ../shared/data, a moto_server S3 API on loopback, and a
+session-scoped Prefect test server with its own PREFECT_HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
+BIN = Path(sys.executable).parent
+
+# Credentials the tests use against moto; their values must never appear in anything we write.
+S3_KEY_ID = "AKIACRAWL2MODELTEST1"
+S3_SECRET = "crawl2model-test-secret-" + "9f3a7c51e2"
+
+# Prefect: own home, no analytics, set before anything imports prefect.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="c2m-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ.pop("CRAWL2MODEL_LAKE", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.fail(f"real test data not found at {SHARED_DATA} (expected ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 API: moto_server on 127.0.0.1, a random free port, for the whole session."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        os.environ.update(env)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def make_bucket(endpoint: str, versioning: bool = True) -> str:
+    import boto3
+
+    name = f"c2m-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=name)
+    if versioning:
+        client.put_bucket_versioning(Bucket=name,
+                                     VersioningConfiguration={"Status": "Enabled"})
+    return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def lake_url(request, tmp_path) -> str:
+    """The lake contract suite runs twice: on a local folder and on the S3 API."""
+    if request.param == "local":
+        return str(tmp_path / "lake")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return f"s3://{make_bucket(endpoint)}/lake"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real Prefect API server for the session (prefect_test_harness), own PREFECT_HOME."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "crawl2model"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)

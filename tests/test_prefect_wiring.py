@@ -1,0 +1,50 @@
+"""The pieces connect: a Prefect flow writes and commits an artifact through the lake, and the
+Prefect API knows the flow run and its artifact."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from tasks.lake import Lake
+
+
+def test_ingest_flow_commits_through_the_lake(prefect_harness, shared_data, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.ingest import ingest
+    from tasks.ingest import IngestParams
+
+    files = [str(shared_data / "text" / "botchan.txt"), str(shared_data / "text" / "tinyshakespeare.txt")]
+    lake_url = str(tmp_path / "lake")
+    ref = ingest(IngestParams(files=files), lake_url=lake_url)
+    lake = Lake(lake_url)
+    m = lake.resolve(ref)
+    assert ref == lake.resolve("ingest").ref
+    assert {f["path"]: f["sha256"] for f in m.files} == {
+        p.rsplit("/", 1)[-1]: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in files}
+    assert m.metrics["files"] == 2 and m.flow_run_id
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(m.flow_run_id)
+        assert run.name and run.state.is_completed()
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["ingest-version"])))
+        assert any(m.ref in (a.description or "") and m.version in a.data for a in arts)
+
+    # The same files again: a cache hit, same ref, nothing rewritten.
+    assert ingest(IngestParams(files=list(reversed(files))), lake_url=lake_url) == ref
+    assert lake.resolve(ref).created_at == m.created_at
+
+
+def test_ingest_rejects_bad_parameters_before_work(tmp_path):
+    from pydantic import ValidationError
+
+    from tasks.ingest import IngestParams
+
+    with pytest.raises(ValidationError, match="nosuchfile.txt: no such file"):
+        IngestParams(files=[str(tmp_path / "nosuchfile.txt")])
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        IngestParams(files=[])
