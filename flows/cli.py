@@ -148,6 +148,59 @@ def cmd_verify(lake: Lake, args) -> int:
 # --------------------------------------------------------------------------- runs
 
 
+class RunFailed(Exception):
+    """A run that failed: exit status 1."""
+
+
+def _params(model, **values):
+    """Build a stage's parameter model; a validation error becomes one line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or model.__name__
+        raise UsageError(f"invalid {where.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}")
+
+
+def _run_flow(fn, *args, **kwargs) -> str:
+    from tasks.download import DownloadError
+    from tasks.warc import WarcError
+
+    try:
+        return fn(*args, **kwargs)
+    except (DownloadError, WarcError) as e:
+        raise RunFailed(str(e)) from None
+
+
+def cmd_stage_download(lake: Lake, args) -> int:
+    from flows.download import download
+    from tasks.download import DownloadParams
+
+    if not (args.crawl or args.urls or args.files):
+        args.crawl = "latest"
+    params = _params(DownloadParams, crawl=args.crawl, base_url=args.base_url, format=args.format,
+                     segments=args.segments, seed=args.seed, max_records=args.max_records,
+                     urls=args.urls, files=args.files, concurrency=args.concurrency,
+                     retries=args.retries, timeout=args.timeout)
+    ref = _run_flow(download, params, lake_url=lake.url)
+    m = lake.resolve(ref)
+    out.print(f"{m.ref}: {m.metrics.get('files')} file(s), {human_bytes(m.metrics.get('bytes', 0))}, "
+              f"{m.metrics.get('records')} records {m.metrics.get('records_by_type')}")
+    return 0
+
+
+def cmd_demo_mirror(lake: Lake, args) -> int:
+    from tasks.mirror import build_mirror
+
+    info = build_mirror(args.dir, files=args.files)
+    out.print(f"built a {info['files']}-file Common Crawl-layout mirror of {info['pages']} pages "
+              f"in {info['root']} (crawl {info['crawl']}); use --base-url file://"
+              f"{os.path.abspath(args.dir)}/")
+    return 0
+
+
 def cmd_demo(lake: Lake, args) -> int:
     from flows.demo import demo
 
@@ -168,6 +221,28 @@ def build_parser() -> Parser:
 
     dm = sub.add_parser("demo", help="offline end-to-end run on the embedded defaults")
     dm.set_defaults(func=cmd_demo)
+
+    mir = sub.add_parser("demo-mirror", help="build a small Common Crawl-layout mirror in DIR")
+    mir.add_argument("dir")
+    mir.add_argument("--files", type=int, default=4, help="WARC files in the mirror")
+    mir.set_defaults(func=cmd_demo_mirror)
+
+    stage = sub.add_parser("stage", help="run one stage on its own")
+    ssub = stage.add_subparsers(dest="stage", required=True, parser_class=Parser)
+    dl = ssub.add_parser("download", help="Common Crawl WARC files into the lake")
+    src = dl.add_mutually_exclusive_group()
+    src.add_argument("--crawl", help="crawl id (CC-MAIN-2024-51) or 'latest' (the default)")
+    src.add_argument("--urls", nargs="+", metavar="URL", help="explicit WARC URLs")
+    src.add_argument("--files", nargs="+", metavar="PATH", help="explicit local WARC files")
+    dl.add_argument("--base-url", help="Common Crawl root (default https://data.commoncrawl.org/)")
+    dl.add_argument("--format", choices=["warc", "wet"])
+    dl.add_argument("--segments", type=int, help="files to pick, spread across the crawl")
+    dl.add_argument("--seed", type=int, help="seed of the file selection")
+    dl.add_argument("--max-records", type=int, help="keep only the first N records of each file")
+    dl.add_argument("--concurrency", type=int, help="parallel transfers (default 4)")
+    dl.add_argument("--retries", type=int, help="retries per file (default 6)")
+    dl.add_argument("--timeout", type=float, help="seconds without data before a retry (default 60)")
+    dl.set_defaults(func=cmd_stage_download)
 
     art = sub.add_parser("artifacts", help="list, inspect, tag and collect lake artifacts")
     asub = art.add_subparsers(dest="action", required=True, parser_class=Parser)
@@ -210,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LakeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

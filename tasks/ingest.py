@@ -47,10 +47,7 @@ def sha256_file(path: str) -> str:
 
 def ingest_files(lake: Lake, params: IngestParams) -> Manifest:
     # The version depends on the bytes, not on where the files were on this machine.
-    content = {"files": sorted((Path(f).name, sha256_file(f)) for f in params.files)}
-
-    class Content(BaseModel):
-        files: list[tuple[str, str]]
+    content = {"files": sorted([Path(f).name, sha256_file(f)] for f in params.files)}
 
     def build(prod: Production) -> None:
         for f in params.files:
@@ -62,4 +59,4 @@ def ingest_files(lake: Lake, params: IngestParams) -> Manifest:
         prod.metrics["files"] = len(params.files)
         prod.metrics["bytes"] = sum(os.path.getsize(f) for f in params.files)
 
-    return run_stage(lake, "ingest", Content(**content), [], CODE_VERSION, build)
+    return run_stage(lake, "ingest", content, [], CODE_VERSION, build)

@@ -593,6 +593,20 @@ class Production:
             yield _Hashing()
         self.written[safe_relpath(name)] = (h.hexdigest(), size)
 
+    def add_file(self, local_path: str, name: str, sha256: str, move: bool = False) -> None:
+        """Bring a finished local file into this version. `sha256` is its known digest (the
+        caller verified it); `move` renames instead of copying when the lake is local."""
+        if move and self.lake.is_local:
+            with self.lake._io(f"moving {name} into the lake"):
+                dest = self.path(name)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.replace(local_path, dest)
+            self.written[safe_relpath(name)] = (sha256, os.path.getsize(dest))
+            return
+        self.put_file(local_path, name)
+        if self.written[safe_relpath(name)][0] != sha256:
+            raise LakeError(f"{name}: changed while it was copied into the lake")
+
     def put_file(self, local_path: str, name: str) -> None:
         with open(local_path, "rb") as src, self.open(name) as dst:
             while chunk := src.read(1 << 20):

@@ -7,8 +7,6 @@ import json
 import time
 from typing import Callable
 
-from pydantic import BaseModel
-
 from tasks.lake import Lake, Manifest, Production
 
 
@@ -60,12 +58,13 @@ def publish(lake: Lake, m: Manifest, cached: bool) -> None:
     )
 
 
-def run_stage(lake: Lake, kind: str, params: BaseModel, inputs: list[str], code_version: str,
+def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_version: str,
               build: Callable[[Production], None]) -> Manifest:
-    """Produce `kind` for these params and inputs, or reuse the committed version."""
+    """Produce `kind` for this recipe (the parameters that define the output: they make the
+    version) and these inputs, or reuse the committed version."""
     flow_run_id, log = _prefect_context()
     started = time.time()
-    with lake.produce(kind, params.model_dump(mode="json"), inputs, code_version,
+    with lake.produce(kind, recipe, inputs, code_version,
                       flow_run_id=flow_run_id) as prod:
         if prod.cached:
             log.info("%s: cache hit, already built", prod.ref)

@@ -1,0 +1,70 @@
+"""Progress of long work, in both places a user looks: a rich bar in the terminal and a Prefect
+progress artifact in the UI (when running inside a flow). Thread-safe; updates are throttled."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, TextColumn,
+                           TimeElapsedColumn, TransferSpeedColumn)
+from rich.progress import Progress as RichProgress
+
+
+class Progress:
+    def __init__(self, title: str, files: int, every: float = 1.0):
+        self.title, self.files_total, self.every = title, max(files, 0), every
+        self.files = self.bytes = 0
+        self._lock = threading.Lock()
+        self._last = 0.0
+        self._artifact_id = None
+        self._bar = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("files"), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+            TimeElapsedColumn(), console=Console(file=sys.stderr),
+            disable=not sys.stderr.isatty())
+        self._task = self._bar.add_task(title, total=self.files_total or None)
+
+    def __enter__(self) -> "Progress":
+        self._bar.start()
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import get_run_context
+
+            get_run_context()
+            self._artifact_id = create_progress_artifact(0.0, description=self.title)
+        except Exception:
+            self._artifact_id = None  # outside Prefect: the terminal bar is enough
+        return self
+
+    def advance_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+        self._update()
+
+    def advance_files(self, n: int = 1) -> None:
+        with self._lock:
+            self.files += n
+        self._update(force=self.files >= self.files_total)
+
+    def _update(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every / 10:
+            return
+        self._bar.update(self._task, completed=self.files,
+                         description=f"{self.title} {self.bytes / 2**20:.1f} MiB")
+        if self._artifact_id is not None and (force or now - self._last >= self.every):
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                pct = 100.0 * self.files / self.files_total if self.files_total else 0.0
+                update_progress_artifact(self._artifact_id, progress=pct)
+            except Exception:
+                pass  # the UI missing an update must never fail the work
+        self._last = now
+
+    def __exit__(self, *exc) -> None:
+        self._update(force=True)
+        self._bar.stop()
