@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_lake"]
+BENCHMARKS = ["benchmarks.bench_lake", "benchmarks.bench_download"]
 
 if __name__ == "__main__":
     only = sys.argv[1:]
