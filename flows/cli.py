@@ -161,17 +161,80 @@ def _params(model, **values):
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or model.__name__
+        if err["type"] == "extra_forbidden":
+            raise UsageError(f"unknown parameter {where!r}")
         raise UsageError(f"invalid {where.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}")
 
 
 def _run_flow(fn, *args, **kwargs) -> str:
+    from tasks.dedup import DedupError
     from tasks.download import DownloadError
+    from tasks.filter import FilterError
     from tasks.warc import WarcError
 
     try:
         return fn(*args, **kwargs)
-    except (DownloadError, WarcError) as e:
+    except (DownloadError, WarcError, FilterError, DedupError) as e:
         raise RunFailed(str(e)) from None
+
+
+def _input(lake: Lake, ref: str | None, default_kind: str) -> str:
+    """A stage's input ref, resolved before any work (unknown refs fail fast, exit 2)."""
+    return lake.resolve(ref or default_kind).ref
+
+
+def _override(model, spec: list[str] | None) -> dict:
+    """--set gopher_quality.min_doc_words=30 style overrides of nested parameters."""
+    out: dict = {}
+    for item in spec or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"invalid --set {item!r}: expected FIELD=VALUE or GROUP.FIELD=VALUE")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed
+    return out
+
+
+def cmd_stage_filter(lake: Lake, args) -> int:
+    from flows.filter import filter as filter_flow
+    from tasks.filter import FilterParams, funnel_markdown
+
+    values = {"input": _input(lake, args.input, "download"), "extractor": args.extractor,
+              "languages": args.languages.split(",") if args.languages else None,
+              "language_threshold": args.language_threshold, "tasks": args.tasks, "workers": args.workers,
+              **_override(FilterParams, args.set)}
+    params = _params(FilterParams, **values)
+    m = lake.resolve(_run_flow(filter_flow, params, lake_url=lake.url))
+    out.print(f"{m.ref}: {m.metrics['documents']} documents, {human_bytes(m.metrics['bytes'])}")
+    funnel = Table(title="filter funnel")
+    for col in ("step", "docs in", "docs out", "bytes in", "bytes out"):
+        funnel.add_column(col, justify="left" if col == "step" else "right")
+    for r in m.metrics["funnel"]:
+        funnel.add_row(r["step"], str(r["docs_in"]), str(r["docs_out"]), human_bytes(r["bytes_in"]),
+                       human_bytes(r["bytes_out"]))
+    out.print(funnel)
+    return 0
+
+
+def cmd_stage_dedup(lake: Lake, args) -> int:
+    from flows.dedup import dedup as dedup_flow
+    from tasks.dedup import DedupParams
+
+    values = {"input": _input(lake, args.input, "filter"), "tasks": args.tasks, "workers": args.workers,
+              **_override(DedupParams, args.set)}
+    params = _params(DedupParams, **values)
+    m = lake.resolve(_run_flow(dedup_flow, params, lake_url=lake.url))
+    x = m.metrics
+    out.print(f"{m.ref}: {x['input_documents']} -> {x['documents']} documents "
+              f"({x['exact_removed']} exact duplicates, {x['minhash_removed']} near duplicates removed)")
+    return 0
 
 
 def cmd_stage_download(lake: Lake, args) -> int:
@@ -243,6 +306,24 @@ def build_parser() -> Parser:
     dl.add_argument("--retries", type=int, help="retries per file (default 6)")
     dl.add_argument("--timeout", type=float, help="seconds without data before a retry (default 60)")
     dl.set_defaults(func=cmd_stage_download)
+
+    flt = ssub.add_parser("filter", help="WARC -> text -> FineWeb quality filters -> Parquet")
+    flt.add_argument("--input", help="download version (default: download@latest)")
+    flt.add_argument("--extractor", choices=["trafilatura", "resiliparse"])
+    flt.add_argument("--languages", help="comma-separated ISO 639-1 codes to keep (default: en)")
+    flt.add_argument("--language-threshold", type=float)
+    flt.add_argument("--tasks", type=int, help="datatrove tasks (default 4)")
+    flt.add_argument("--workers", type=int, help="parallel processes (default 2)")
+    flt.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                     help="any other parameter, e.g. gopher_quality.min_doc_words=30 or pii=false")
+    flt.set_defaults(func=cmd_stage_filter)
+    dd = ssub.add_parser("dedup", help="exact + MinHash near-duplicate removal")
+    dd.add_argument("--input", help="filter version (default: filter@latest)")
+    dd.add_argument("--tasks", type=int)
+    dd.add_argument("--workers", type=int)
+    dd.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="any other parameter, e.g. num_buckets=20 or exact=false")
+    dd.set_defaults(func=cmd_stage_dedup)
 
     art = sub.add_parser("artifacts", help="list, inspect, tag and collect lake artifacts")
     asub = art.add_subparsers(dest="action", required=True, parser_class=Parser)

@@ -28,11 +28,11 @@ from urllib.parse import urljoin, urlparse
 
 import fsspec
 import requests
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.lake import Lake, Manifest, Production
 from tasks.progress import Progress
-from tasks.stage import run_stage
+from tasks.stage import StageParams, run_stage
 from tasks.warc import WarcError, copy_first_records, verify_warc
 
 CODE_VERSION = "download/1"
@@ -44,7 +44,7 @@ class DownloadError(Exception):
     """A transfer or source that failed for good; the message names the URL or file."""
 
 
-class DownloadParams(BaseModel):
+class DownloadParams(StageParams):
     """What to download. Exactly one source: `crawl`, `urls` or `files`."""
 
     crawl: str | None = Field(None, description="crawl id (CC-MAIN-2024-51) or 'latest'")

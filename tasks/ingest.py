@@ -8,15 +8,15 @@ import hashlib
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from tasks.lake import Lake, LakeError, Manifest, Production
-from tasks.stage import run_stage
+from tasks.stage import StageParams, run_stage
 
 CODE_VERSION = "ingest/1"
 
 
-class IngestParams(BaseModel):
+class IngestParams(StageParams):
     """Files to copy into the lake, under their base names."""
 
     files: list[str] = Field(min_length=1, description="local file paths")

@@ -7,7 +7,15 @@ import json
 import time
 from typing import Callable
 
+from pydantic import BaseModel, ConfigDict
+
 from tasks.lake import Lake, Manifest, Production
+
+
+class StageParams(BaseModel):
+    """Base of every stage's parameter model: unknown fields are an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def _prefect_context() -> tuple[str | None, object]:

@@ -1,0 +1,251 @@
+"""Stage `filter`: WARC -> text -> FineWeb's quality filters -> Parquet documents.
+
+A datatrove pipeline over the WARC files of a `download` version:
+HTML responses -> URL blocklist -> text extraction -> language -> Gopher repetition -> Gopher
+quality -> C4 quality -> FineWeb quality -> PII masking -> Parquet. FineWeb's thresholds are
+the defaults; each is a field below. Work runs in the version's `_work/` folder with
+datatrove's completion markers, so a killed run resumes from the tasks it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable, Literal
+
+from pydantic import Field, field_validator
+
+from tasks.lake import Lake, Manifest, Production
+from tasks.stage import StageParams, run_stage
+
+CODE_VERSION = "filter/1"
+
+
+class GopherRepetition(StageParams):
+    enabled: bool = True
+    dup_line_frac: float = Field(0.3, ge=0, le=1)
+    dup_para_frac: float = Field(0.3, ge=0, le=1)
+    dup_line_char_frac: float = Field(0.2, ge=0, le=1)
+    dup_para_char_frac: float = Field(0.2, ge=0, le=1)
+    top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
+    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+
+
+class GopherQuality(StageParams):
+    enabled: bool = True
+    min_doc_words: int = Field(50, ge=0)
+    max_doc_words: int = Field(100_000, ge=1)
+    min_avg_word_length: int = Field(3, ge=0)
+    max_avg_word_length: int = Field(10, ge=1)
+    max_symbol_word_ratio: float = Field(0.1, ge=0)
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
+    max_non_alpha_words_ratio: float = Field(0.8, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0)
+
+
+class C4Quality(StageParams):
+    enabled: bool = True
+    filter_no_terminal_punct: bool = False  # FineWeb turns this C4 rule off
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebQuality(StageParams):
+    enabled: bool = True
+    line_punct_thr: float = Field(0.12, ge=0, le=1)
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = Field(0.67, ge=0, le=1)
+    short_line_length: int = Field(30, ge=0)
+    char_duplicates_ratio: float = Field(0.01, ge=0, le=1)
+    new_line_ratio: float = Field(0.3, ge=0, le=1)
+
+
+class FilterParams(StageParams):
+    """The `filter` stage. Every field but `workers` is part of the version."""
+
+    input: str = Field("download", description="the download version to read (a ref)")
+    extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
+    favour_precision: bool = Field(True, description="trafilatura's favor_precision (FineWeb's choice)")
+    url_filter: bool = True
+    languages: list[str] = Field(["en"], min_length=1, description="ISO 639-1 codes to keep")
+    language_threshold: float = Field(0.65, ge=0, le=1)
+    gopher_repetition: GopherRepetition = GopherRepetition()
+    gopher_quality: GopherQuality = GopherQuality()
+    c4_quality: C4Quality = C4Quality()
+    fineweb_quality: FineWebQuality = FineWebQuality()
+    pii: bool = Field(True, description="mask e-mail addresses and public IP addresses")
+    removed_sample: int = Field(100, ge=0, le=100_000, description="removed documents kept per filter and task")
+    tasks: int = Field(4, ge=1, le=100_000, description="datatrove tasks (output files)")
+    workers: int = Field(2, ge=1, le=1024, description="parallel processes (not part of the version)")
+
+    @field_validator("languages")
+    @classmethod
+    def _iso(cls, v: list[str]) -> list[str]:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        known = set(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+        bad = [x for x in v if x not in known]
+        if bad:
+            raise ValueError(f"unknown language code {bad[0]!r} (py3langid knows {len(known)} ISO 639-1 codes)")
+        return sorted(set(v))
+
+    def recipe(self) -> dict:
+        return self.model_dump(mode="json", exclude={"input", "workers"})
+
+
+class FilterError(Exception):
+    """The stage ran but its result is unusable (e.g. nothing survived)."""
+
+
+# Points of the funnel, in pipeline order: (meter name, the step it follows).
+def build_pipeline(params: FilterParams, warc_folder, paths_file: str, out_folder, removed_folder,
+                   crawl: str) -> list:
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter,
+                                            GopherQualityFilter, GopherRepetitionFilter)
+    from datatrove.pipeline.formatters import PIIFormatter
+    from datatrove.pipeline.writers.parquet import ParquetWriter
+
+    from tasks.steps import (CompactURLFilter, Extract, LanguageId, Meter, RemovedSample,
+                             WarcHtmlReader, document_adapter)
+
+    def removed(name: str):
+        return RemovedSample(removed_folder, name, cap=params.removed_sample) if params.removed_sample else None
+
+    steps: list = [WarcHtmlReader(warc_folder, paths_file=paths_file, default_metadata={"crawl": crawl}),
+                   Meter("html")]
+    if params.url_filter:
+        steps += [CompactURLFilter(exclusion_writer=removed("url")), Meter("url")]
+    steps += [Extract(params.extractor, params.favour_precision), Meter("extracted"),
+              LanguageId(params.languages, params.language_threshold, exclusion_writer=removed("language")),
+              Meter("language")]
+    filters = [
+        ("gopher_repetition", params.gopher_repetition, GopherRepetitionFilter),
+        ("gopher_quality", params.gopher_quality, GopherQualityFilter),
+        ("c4_quality", params.c4_quality, C4QualityFilter),
+        ("fineweb_quality", params.fineweb_quality, FineWebQualityFilter),
+    ]
+    for name, cfg, cls in filters:
+        if cfg.enabled:
+            kwargs = cfg.model_dump(exclude={"enabled"})
+            for k in ("top_n_grams", "dup_n_grams"):
+                if k in kwargs:
+                    kwargs[k] = tuple(tuple(x) for x in kwargs[k])
+            steps += [cls(exclusion_writer=removed(name), **kwargs), Meter(name)]
+    if params.pii:
+        # One replacement each: datatrove cycles through a list, which depends on document order.
+        steps.append(PIIFormatter(email_replacement="email@example.com", ip_replacement="22.214.171.124"))
+    steps.append(ParquetWriter(out_folder, output_filename="${rank}.parquet", adapter=document_adapter,
+                               compression="zstd"))
+    return steps
+
+
+def read_stats(logs_folder) -> tuple[list[dict], dict]:
+    """Merge datatrove's per-task stats files (all tasks, also those done by an earlier,
+    killed run); return (the funnel, other counters by step)."""
+    from datatrove.utils.stats import PipelineStats
+
+    merged = PipelineStats()
+    for path in sorted(logs_folder.list_files("stats")):
+        with logs_folder.open(path, "rt") as f:
+            merged += PipelineStats.from_json(json.load(f))
+    funnel, counters = [], {}
+    for step in merged.stats:
+        name = step.name.split(": ", 1)[-1]  # "📏 - METER: meter:html" -> "meter:html"
+        stats = step.to_dict().get("stats", {})
+        if name.startswith("meter:"):
+            funnel.append({"point": name[6:], "documents": _total(stats.get("docs")),
+                           "bytes": _total(stats.get("bytes"))})
+        else:
+            counters[name] = {k: _total(v) for k, v in stats.items()}
+    return funnel, counters
+
+
+def _total(v) -> int:
+    if isinstance(v, dict):
+        return int(v.get("total", v.get("n", 0)))
+    return int(v or 0)
+
+
+def funnel_rows(funnel: list[dict]) -> list[dict]:
+    """Each filter's documents and bytes in and out."""
+    rows = []
+    for prev, cur in zip(funnel, funnel[1:]):
+        rows.append({"step": cur["point"], "docs_in": prev["documents"], "docs_out": cur["documents"],
+                     "bytes_in": prev["bytes"], "bytes_out": cur["bytes"],
+                     "removed": prev["documents"] - cur["documents"] if cur["point"] != "extracted"
+                     else prev["documents"] - cur["documents"]})
+    return rows
+
+
+def funnel_markdown(funnel: list[dict]) -> str:
+    lines = ["| step | docs in | docs out | kept | bytes in | bytes out |", "|---|---:|---:|---:|---:|---:|"]
+    for r in funnel_rows(funnel):
+        kept = f"{100 * r['docs_out'] / r['docs_in']:.1f}%" if r["docs_in"] else "-"
+        lines.append(f"| {r['step']} | {r['docs_in']} | {r['docs_out']} | {kept} | {r['bytes_in']} | {r['bytes_out']} |")
+    return "\n".join(lines)
+
+
+def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder) -> None:
+    from datatrove.executor import LocalPipelineExecutor
+
+    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+                          logging_dir=logs_folder, skip_completed=True).run()
+
+
+def warc_paths(m: Manifest) -> list[str]:
+    return [f["path"] for f in m.files if f["path"].endswith((".warc", ".warc.gz", ".wet.gz", ".arc.gz"))]
+
+
+def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None] = print) -> Manifest:
+    from datatrove.io import DataFolder
+
+    source = lake.resolve(params.input)
+    if source.kind != "download":
+        raise FilterError(f"filter reads a download version, not {source.ref}")
+    paths = warc_paths(source)
+    if not paths:
+        raise FilterError(f"{source.ref} holds no WARC files")
+
+    def build(prod: Production) -> None:
+        def folder(sub: str) -> DataFolder:
+            return DataFolder(prod.path(sub), fs=lake.fs)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths_file = os.path.join(tmp, "inputs.txt")
+            with open(paths_file, "w") as f:
+                f.write("\n".join(paths) + "\n")
+            pipeline = build_pipeline(params, DataFolder(lake.path(source.kind, source.version), fs=lake.fs),
+                                      paths_file, folder("data"), folder("removed"),
+                                      source.params.get("crawl", "") or "")
+            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"))
+        funnel, counters = read_stats(folder("_work/logs"))
+        prod.metrics.update({"funnel": funnel_rows(funnel), "documents": funnel[-1]["documents"],
+                             "bytes": funnel[-1]["bytes"], "reader": counters.get("🕷 WARC html", {}),
+                             "steps": counters})
+        with prod.open("stats.json") as f:
+            f.write(json.dumps({"funnel": funnel, "steps": counters}, indent=2).encode())
+        log("filter funnel:\n" + funnel_markdown(funnel))
+        publish_funnel(funnel, prod.ref)
+        if funnel[-1]["documents"] == 0:
+            raise FilterError(f"no document survived the filters of {prod.ref}:\n{funnel_markdown(funnel)}")
+
+    return run_stage(lake, "filter", params.recipe(), [source.ref], CODE_VERSION, build)
+
+
+def publish_funnel(funnel: list[dict], ref: str) -> None:
+    try:
+        from prefect.artifacts import create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    create_table_artifact(key="filter-funnel", table=funnel_rows(funnel),
+                          description=f"filter funnel of {ref}: documents and bytes in/out per step")

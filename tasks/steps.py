@@ -1,0 +1,351 @@
+"""datatrove pipeline steps of our own, where the stock ones fall short (see issue 4):
+
+- `WarcHtmlReader`: HTML responses only, charsets decoded robustly and the undecodable counted
+  (datatrove's WarcReader silently drops mislabelled charsets), corrupt members skipped and
+  counted, never fatal.
+- `Extract`: trafilatura or resiliparse, deterministic: no wall-clock timeout and no
+  cross-document state, so a rerun or a resume gives the same documents.
+- `LanguageId`: py3langid, whose model ships inside its wheel (no download at run time).
+- `CompactURLFilter`: datatrove's URLFilter with the 5M-domain blocklist held as a sorted array
+  of 64-bit hashes (~40 MB) instead of a Python set (~825 MB), and tldextract kept offline.
+- `Meter`: counts documents and bytes passing a point: the funnel.
+- `RemovedSample`: a capped, deterministic sample of what a filter removed, with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+import tempfile
+import zlib
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.url_filter import URLFilter
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.pipeline.writers.parquet import ParquetWriter
+
+MAX_HTML_BYTES = 4 << 20  # pages above this are counted and skipped: extraction time must stay bounded
+
+
+# --------------------------------------------------------------------------- reading
+
+
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_\-:]+)""", re.I)
+_HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?([a-zA-Z0-9_\-:]+)", re.I)
+
+
+def decode_html(body: bytes, content_type: str | None) -> tuple[str | None, str]:
+    """Decode page bytes: the declared charset (HTTP header, then <meta>), then UTF-8, then a
+    detector. Returns (text or None, how)."""
+    candidates = []
+    if content_type and (m := _HEADER_CHARSET.search(content_type)):
+        candidates.append(m.group(1))
+    if m := _META_CHARSET.search(body[:4096]):
+        candidates.append(m.group(1).decode("ascii", "ignore"))
+    candidates.append("utf-8")
+    for cs in candidates:
+        try:
+            return body.decode(cs), cs.lower()
+        except (LookupError, UnicodeDecodeError):
+            continue
+    try:
+        from resiliparse.parse.encoding import detect_encoding
+
+        cs = detect_encoding(body)
+        return body.decode(cs), f"detected:{cs.lower()}"
+    except (LookupError, UnicodeDecodeError, ImportError):
+        pass
+    text = body.decode("utf-8", errors="replace")
+    if text.count("\ufffd") <= max(10, len(text) // 100):  # mostly fine: keep it
+        return text, "utf-8-replace"
+    return None, "undecodable"
+
+
+class WarcHtmlReader(BaseDiskReader):
+    """HTML responses (and WET text conversions) from WARC files, one document each."""
+
+    name = "🕷 WARC html"
+
+    def read_file(self, filepath: str):
+        from warcio.archiveiterator import ArchiveIterator
+        from warcio.exceptions import ArchiveLoadFailed
+
+        with self.data_folder.open(filepath, "rb") as f:
+            it = iter(ArchiveIterator(f))
+            i = 0
+            while True:
+                try:
+                    record = next(it)
+                    data = self._record(record)
+                except StopIteration:
+                    return
+                except (ArchiveLoadFailed, zlib.error, EOFError, OSError, ValueError) as e:
+                    # A corrupt member ends what we can read of this file: count it, move on.
+                    self.stat_update("corrupt_files")
+                    from datatrove.utils.logging import logger
+
+                    logger.warning(f"{filepath}: corrupt after record {i}, rest skipped: {e}")
+                    return
+                i += 1
+                if data is None:
+                    continue
+                doc = self.get_document_from_dict(data, filepath, i)
+                if doc:
+                    yield doc
+
+    def _record(self, record) -> dict | None:
+        self.stat_update("records")
+        if record.rec_type == "conversion":  # WET: Common Crawl already extracted the text
+            text = record.content_stream().read().decode("utf-8", errors="replace")
+            return self._doc(record, text, "wet")
+        if record.rec_type != "response":
+            return None
+        http = record.http_headers
+        status = http.get_statuscode() if http else None
+        if status and status != "200":
+            self.stat_update("not_200")
+            return None
+        declared = record.rec_headers.get_header("WARC-Identified-Payload-Type")
+        content_type = http.get_header("Content-Type") if http else None
+        kind = (declared or content_type or "").split(";")[0].strip().lower()
+        body = record.content_stream().read(MAX_HTML_BYTES + 1)
+        if kind and kind not in _HTML_TYPES:
+            self.stat_update("not_html")
+            return None
+        if not kind and b"<html" not in body[:2048].lower():
+            self.stat_update("not_html")
+            return None
+        if len(body) > MAX_HTML_BYTES:
+            self.stat_update("too_large")
+            return None
+        text, how = decode_html(body, content_type)
+        if text is None:
+            self.stat_update("undecodable")
+            return None
+        if how.startswith(("detected", "utf-8-replace")):
+            self.stat_update(f"charset_{how.split(':')[0]}")
+        return self._doc(record, text, "html")
+
+    @staticmethod
+    def _doc(record, text: str, content: str) -> dict:
+        h = record.rec_headers
+        return {"text": text, "id": h.get_header("WARC-Record-ID") or "",
+                "url": h.get_header("WARC-Target-URI") or "", "date": h.get_header("WARC-Date") or "",
+                "content": content}
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+class Extract(PipelineStep):
+    """HTML -> main text. Deterministic: same HTML, same text, whatever the machine load."""
+
+    type = "🛢 - EXTRAC"
+
+    def __init__(self, extractor: str = "trafilatura", favour_precision: bool = True):
+        if extractor not in ("trafilatura", "resiliparse"):
+            raise ValueError(f"unknown extractor {extractor!r}")
+        self.name = f"⛏ {extractor}"  # before super().__init__(): it names the stats
+        super().__init__()
+        self.extractor, self.favour_precision = extractor, favour_precision
+
+    def extract(self, html: str) -> str:
+        if self.extractor == "trafilatura":
+            import trafilatura
+
+            # deduplicate=False: trafilatura's dedup cache carries state across documents.
+            return trafilatura.extract(html, favor_precision=self.favour_precision,
+                                       include_comments=False, deduplicate=False) or ""
+        from resiliparse.extract.html2text import extract_plain_text
+
+        return extract_plain_text(html, main_content=True, alt_texts=False, links=False,
+                                  list_bullets=True, noscript=False, comments=False)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("total")
+            if doc.metadata.get("content") == "wet":
+                doc.metadata["extractor"] = "wet"
+                yield doc
+                continue
+            with self.track_time():
+                try:
+                    text = self.extract(doc.text).strip()
+                except Exception:  # a page that breaks the parser is one page, not the run
+                    self.stat_update("extract_error")
+                    continue
+            if not text:
+                self.stat_update("empty")
+                continue
+            doc.text = text
+            doc.metadata["extractor"] = self.extractor
+            self.stat_update("forwarded")
+            yield doc
+
+
+# --------------------------------------------------------------------------- filters
+
+
+class LanguageId(BaseFilter):
+    """Keeps documents in `languages` with probability >= threshold (py3langid, offline)."""
+
+    name = "🌍 Language ID"
+
+    def __init__(self, languages: list[str], threshold: float = 0.65, exclusion_writer=None,
+                 max_chars: int = 20_000):
+        super().__init__(exclusion_writer)
+        self.languages, self.threshold, self.max_chars = set(languages), threshold, max_chars
+        self._model = None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self._model is None:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+            self._model = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        lang, score = self._model.classify(doc.text[: self.max_chars].replace("\n", " "))
+        doc.metadata["language"], doc.metadata["language_score"] = lang, round(float(score), 4)
+        if lang not in self.languages:
+            return False, f"language_{lang}"
+        if score < self.threshold:
+            return False, "low_confidence"
+        return True
+
+
+def _domain_hash(domain: str) -> int:
+    return int.from_bytes(hashlib.blake2b(domain.encode(), digest_size=8).digest(), "little")
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("CRAWL2MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "crawl2model-cache")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def compact_blocklist() -> np.ndarray:
+    """datatrove's domain blocklist as a sorted uint64 array of hashes, built once from the
+    archive inside the datatrove wheel and cached (no network, no 123 MB extraction)."""
+    from datatrove.utils._import_utils import ASSETS_PATH
+
+    path = os.path.join(_cache_dir(), "url-blocklist-v0_3_0.u64.npy")
+    if os.path.exists(path):
+        return np.load(path, mmap_mode="r")
+    with tarfile.open(os.path.join(ASSETS_PATH, "url_filterblacklistsv0_3_0.tar.gz"), "r:gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.rsplit("/", 1)[-1] == "domains")
+        f = tar.extractfile(member)
+        hashes = np.fromiter((_domain_hash(line.strip().decode("utf-8", "ignore")) for line in f
+                              if line.strip() and not line.startswith(b"#")), dtype=np.uint64)
+    hashes = np.unique(hashes)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, hashes)
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+class CompactURLFilter(URLFilter):
+    name = "😈 URL filter"
+
+    def __init__(self, exclusion_writer=None):
+        super().__init__(exclusion_writer=exclusion_writer)
+        from tldextract import TLDExtract
+
+        # suffix_list_urls=(): the suffix list snapshot inside tldextract, never publicsuffix.org
+        self.tldextractor = TLDExtract(suffix_list_urls=(), cache_dir=None)
+        self._domains = None
+
+    def download_data(self):
+        if self._downloaded:
+            return
+        self._domains = compact_blocklist()
+        url_lists = self.block_listed_url
+        from datatrove.utils._import_utils import ASSETS_PATH
+
+        with tarfile.open(os.path.join(ASSETS_PATH, "url_filterblacklistsv0_3_0.tar.gz"), "r:gz") as tar:
+            member = next(m for m in tar.getmembers() if m.name.rsplit("/", 1)[-1] == "urls")
+            self.block_listed_url = url_lists | {l.strip().decode("utf-8", "ignore")
+                                                 for l in tar.extractfile(member) if l.strip()}
+        from datatrove.pipeline.filters.url_filter import get_list
+
+        self.banned_words = get_list(ASSETS_PATH, "banned_words.txt", self.banned_words)
+        self.banned_subwords = get_list(ASSETS_PATH, "banned_subwords.txt", self.banned_subwords)
+        self.soft_banned_words = get_list(ASSETS_PATH, "soft_banned_words.txt", self.soft_banned_words)
+        for word in self.banned_subwords:
+            self.banned_subwords_automaton.add_word(word, len(self.banned_subwords_automaton))
+        self.banned_subwords_automaton.make_automaton()
+        self._downloaded = True
+
+    def _blocked(self, domain: str) -> bool:
+        if not domain:
+            return False
+        h = np.uint64(_domain_hash(domain))
+        i = int(np.searchsorted(self._domains, h))
+        return i < len(self._domains) and self._domains[i] == h
+
+    def filter(self, document: Document) -> bool | tuple[bool, str]:
+        self.download_data()
+        url = document.metadata.get("url") or ""
+        info = self.tldextractor(url)
+        if self._blocked(info.registered_domain):
+            return False, "domain"
+        if self._blocked(info.fqdn):
+            return False, "subdomain"
+        saved, self.block_listed_domains = self.block_listed_domains, set()
+        try:  # the word and url checks of the stock filter, with our domain check done above
+            return super().filter(document)
+        finally:
+            self.block_listed_domains = saved
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+class Meter(PipelineStep):
+    """Counts documents and UTF-8 bytes passing this point of the pipeline."""
+
+    type = "📏 - METER"
+
+    def __init__(self, point: str):
+        self.name = f"meter:{point}"  # before super().__init__(): it names the stats
+        super().__init__()
+        self.point = point
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("docs")
+            self.stat_update("bytes", value=len(doc.text.encode("utf-8")))
+            yield doc
+
+
+class RemovedSample(ParquetWriter):
+    """What a filter removed: at most `cap` documents per task, chosen by a hash of the id
+    (deterministic, spread over the input), each with the filter's reason."""
+
+    def __init__(self, output_folder, filter_name: str, cap: int = 100, rate: float = 0.25):
+        super().__init__(output_folder, output_filename=f"{filter_name}/${{rank}}.parquet",
+                         adapter=_removed_adapter, compression="zstd")
+        self.cap, self.rate, self.kept = cap, rate, 0
+
+    def write(self, document: Document, rank: int = 0, **kwargs):
+        if self.kept >= self.cap:
+            return
+        if int(hashlib.md5(document.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF >= self.rate:
+            return
+        self.kept += 1
+        super().write(document, rank, **kwargs)
+
+
+def _removed_adapter(self, doc: Document) -> dict:
+    return {"id": doc.id, "url": doc.metadata.get("url", ""), "reason": doc.metadata.get("filter_reason", ""),
+            "text": doc.text[:20_000]}
+
+
+def document_adapter(self, doc: Document) -> dict:
+    """The columns of the filter and dedup outputs."""
+    m = doc.metadata
+    return {"id": doc.id, "text": doc.text, "url": m.get("url", ""), "crawl": m.get("crawl", ""),
+            "date": m.get("date", ""), "language": m.get("language", ""),
+            "language_score": float(m.get("language_score", 0.0)), "extractor": m.get("extractor", "")}
