@@ -340,7 +340,7 @@ class RemovedSample(ParquetWriter):
 
 def _removed_adapter(self, doc: Document) -> dict:
     return {"id": doc.id, "url": doc.metadata.get("url", ""), "reason": doc.metadata.get("filter_reason", ""),
-            "text": doc.text[:20_000]}
+            "cluster_id": int(doc.metadata.get("minhash_cluster_id", -1)), "text": doc.text[:20_000]}
 
 
 def document_adapter(self, doc: Document) -> dict:

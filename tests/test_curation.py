@@ -1,0 +1,239 @@
+"""Stages `filter` and `dedup` on every real WARC of ../shared/data/warc."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from warcio.archiveiterator import ArchiveIterator
+from warcio.warcwriter import WARCWriter
+
+from tasks.dedup import DedupParams, dedup_documents
+from tasks.download import DownloadParams, download
+from tasks.filter import FilterError, FilterParams, filter_documents
+from tasks.lake import Lake
+from tests.conftest import BIN, ROOT, run_cli
+
+NON_ENGLISH = ["http://044545.com/topic/20200207/015849.html",     # Chinese pages in the
+               "http://0513mt.com/index.php/art/detail/id/8884.html"]  # CC-MAIN-2020-34 excerpt
+COLUMNS = ["id", "text", "url", "crawl", "date", "language", "language_score", "extractor"]
+
+
+def rows(lake: Lake, m, prefix: str = "data/") -> list[dict]:
+    out = []
+    for f in m.files:
+        if f["path"].startswith(prefix) and f["path"].endswith(".parquet"):
+            with lake.open(m, f["path"]) as fh:
+                out += pq.read_table(fh).to_pylist()
+    return out
+
+
+def planted_warc(shared_data: Path, dest: Path) -> dict[str, str]:
+    """Copies of real pages under new URLs: one verbatim, one with a changed header and
+    footer. Returns {copy url: original url}."""
+    originals = {}
+    for name in ("wget-sample-0000.warc.gz", "wget-sample-0001.warc.gz"):
+        with open(shared_data / "warc" / name, "rb") as f:
+            for rec in ArchiveIterator(f):
+                if rec.rec_type == "response" and rec.rec_headers.get_header("WARC-Target-URI") in (
+                        "https://maria-antoniak.github.io/", "https://allenai.org/"):
+                    originals[rec.rec_headers.get_header("WARC-Target-URI")] = rec.content_stream().read()
+    assert len(originals) == 2
+    planted = {}
+    with open(dest, "wb") as out:
+        w = WARCWriter(out, gzip=True)
+        for i, (url, body) in enumerate(sorted(originals.items())):
+            html = body.decode("utf-8")
+            # a new first and last paragraph: they survive extraction, so the texts differ
+            changed = re.sub(r"(<body[^>]*>)", r"\1<p>Welcome to the mirror of this site, "
+                             r"updated every week by our volunteers.</p>", html, count=1)
+            changed = changed.replace("</body>", "<p>Copyright the mirror team. All rights "
+                                                 "reserved. Contact us for permissions.</p></body>")
+            for kind, page in (("verbatim", html), ("changed", changed)):
+                copy = f"https://mirror-{kind}-{i}.example.org/"
+                planted[copy] = url
+                from warcio.statusandheaders import StatusAndHeaders
+
+                data = page.encode("utf-8")
+                http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")],
+                                        protocol="HTTP/1.1")
+                w.write_record(w.create_warc_record(copy, "response", payload=io.BytesIO(data),
+                                                    http_headers=http))
+    return planted
+
+
+@pytest.fixture(scope="module")
+def curated(shared_data, tmp_path_factory):
+    """download -> filter -> dedup once on all real WARCs plus the planted duplicates."""
+    work = tmp_path_factory.mktemp("curation")
+    planted = planted_warc(shared_data, work / "zz-planted.warc.gz")
+    lake = Lake(str(work / "lake"))
+    files = sorted(str(p) for p in (shared_data / "warc").iterdir()) + [str(work / "zz-planted.warc.gz")]
+    dl = download(lake, DownloadParams(files=files))
+    flt = filter_documents(lake, FilterParams(input=dl.ref, tasks=1, workers=1), log=lambda m: None)
+    dd = dedup_documents(lake, DedupParams(input=flt.ref, tasks=1, workers=1), log=lambda m: None)
+    return {"lake": lake, "download": dl, "filter": flt, "dedup": dd, "planted": planted, "work": work}
+
+
+def test_filter_funnel_on_real_warcs(curated):
+    lake, flt = curated["lake"], curated["filter"]
+    funnel = {r["step"]: r for r in flt.metrics["funnel"]}
+    assert list(funnel) == ["url", "extracted", "language", "gopher_repetition", "gopher_quality",
+                            "c4_quality", "fineweb_quality"]
+    assert funnel["url"]["docs_in"] >= 150  # HTML responses read from the 8 files
+    assert funnel["language"]["docs_in"] - funnel["language"]["docs_out"] >= 10
+    for step in ("gopher_repetition", "gopher_quality", "fineweb_quality"):
+        assert funnel[step]["docs_out"] < funnel[step]["docs_in"], step
+    assert 20 <= flt.metrics["documents"] == funnel["fineweb_quality"]["docs_out"]
+    docs = rows(lake, flt)
+    assert len(docs) == flt.metrics["documents"]
+    assert list(docs[0]) == COLUMNS
+    assert {d["language"] for d in docs} == {"en"} and min(d["language_score"] for d in docs) >= 0.65
+    assert {d["extractor"] for d in docs} == {"trafilatura"}
+    urls = {d["url"] for d in docs}
+    assert not urls & set(NON_ENGLISH)  # known Chinese pages dropped
+    assert "https://allenai.org/" in urls
+    # PII: no e-mail address survives unmasked
+    emails = {e for d in docs for e in re.findall(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+", d["text"])}
+    assert emails <= {"email@example.com"}
+    # removed documents kept, capped, with the reason
+    removed = rows(lake, flt, "removed/")
+    assert removed and all(r["reason"] for r in removed)
+    assert flt.metrics["reader"]["records"] > 900 and flt.metrics["reader"]["not_html"] > 0
+    # the stats are shown by `artifacts show`
+    r = run_cli("--lake", lake.url, "artifacts", "show", flt.ref)
+    assert r.returncode == 0 and "gopher_quality" in r.stdout
+
+
+def test_dedup_removes_planted_duplicates_and_keeps_originals(curated):
+    lake, dd = curated["lake"], curated["dedup"]
+    urls = {d["url"] for d in rows(lake, dd)}
+    for copy, original in curated["planted"].items():
+        assert copy not in urls, copy
+        assert original in urls, original
+    m = dd.metrics
+    assert m["input_documents"] == curated["filter"].metrics["documents"]
+    assert m["documents"] == len(urls) == m["input_documents"] - m["exact_removed"] - m["minhash_removed"]
+    assert m["exact_removed"] >= 2 and m["minhash_removed"] >= 1
+    kinds = {(p["kind"], p["removed"]) for p in m["duplicate_pairs_sample"]}
+    assert ("exact", "https://mirror-verbatim-0.example.org/") in kinds
+    assert any(k == "minhash" for k, _ in kinds)
+    assert sum(m["cluster_size_histogram"].values()) >= 1
+
+
+def test_language_id_accuracy_per_language(shared_data):
+    from datatrove.data import Document
+
+    from tasks.steps import LanguageId
+
+    step = LanguageId(["en"])
+    for path in sorted((shared_data / "langid").glob("*.txt")):
+        lang = path.stem
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        right = 0
+        for i, line in enumerate(lines):
+            doc = Document(text=line, id=str(i))
+            step.filter(doc)
+            right += doc.metadata["language"] == lang
+        assert right / len(lines) >= 0.95, (lang, right / len(lines))
+
+
+def test_corrupt_members_are_skipped_and_counted(shared_data, tmp_path):
+    """A download version that holds damaged files (made by another tool): filter reads what it
+    can, counts the rest, and does not fail."""
+    lake = Lake(str(tmp_path / "lake"))
+    broken = sorted((shared_data / "warc-broken").iterdir())
+    good = shared_data / "warc" / "wget-sample-0000.warc.gz"
+    with lake.produce("download", {"source": "hand-made"}, [], "test/1") as p:
+        for f in [*broken, good]:
+            p.put_file(str(f), f.name)
+    flt = filter_documents(lake, FilterParams(tasks=2, workers=1), log=lambda m: None)
+    assert flt.metrics["reader"]["corrupt_files"] >= 3
+    assert flt.metrics["documents"] > 0
+
+
+def test_nothing_survives_is_an_error_that_shows_the_funnel(shared_data, tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    download(lake, DownloadParams(files=[str(shared_data / "warc" / "whirlwind.warc.gz")]))
+    with pytest.raises(FilterError, match=r"no document survived(.|\n)*\| language \| 1 \| 0 \|"):
+        filter_documents(lake, FilterParams(languages=["ja"], tasks=1, workers=1), log=lambda m: None)
+    assert lake.versions("filter") == []
+
+
+def test_invalid_filter_parameters_fail_before_work(tmp_path, shared_data):
+    lake = tmp_path / "lake"
+    Lake(str(lake))
+    r = run_cli("--lake", str(lake), "stage", "filter", "--input", "download@0123456789abcdef")
+    assert r.returncode == 2 and "unknown" in r.stderr
+    download(Lake(str(lake)), DownloadParams(files=[str(shared_data / "warc" / "whirlwind.warc.gz")]))
+    for args, message in [(["--languages", "xx"], "unknown language code 'xx'"),
+                          (["--language-threshold", "2"], "invalid language-threshold"),
+                          (["--set", "gopher_quality.min_doc_words=-1"], "invalid gopher-quality.min-doc-words"),
+                          (["--set", "bogus=1"], "unknown parameter 'bogus'"),
+                          (["--set", "nonsense"], "invalid --set 'nonsense'")]:
+        r = run_cli("--lake", str(lake), "stage", "filter", *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    assert Lake(str(lake)).versions("filter") == []
+
+
+def test_killed_filter_resumes_to_the_same_output(curated, shared_data, tmp_path):
+    """SIGKILL mid-run, rerun: the finished tasks are skipped and the output is identical to an
+    uninterrupted run's (same version, same file hashes)."""
+    lake_dir = tmp_path / "lake"
+    lake = Lake(str(lake_dir))
+    files = sorted(str(p) for p in (shared_data / "warc").iterdir()) + [str(curated["work"] / "zz-planted.warc.gz")]
+    dl = download(lake, DownloadParams(files=files))
+    assert dl.version == curated["download"].version
+    # a separate uninterrupted reference with 4 tasks
+    ref_lake = Lake(str(tmp_path / "ref"))
+    download(ref_lake, DownloadParams(files=files))
+    reference = filter_documents(ref_lake, FilterParams(tasks=4, workers=1), log=lambda m: None)
+    proc = subprocess.Popen([str(BIN / "crawl2model"), "--lake", str(lake_dir), "stage", "filter",
+                             "--tasks", "4", "--workers", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")})
+    marker = lake_dir / "filter" / reference.version / "_work" / "logs" / "completions"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (marker.exists() and len(os.listdir(marker)) >= 1):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(os.listdir(marker))
+    assert 1 <= done_before < 4 and lake.versions("filter") == []
+    resumed = filter_documents(lake, FilterParams(tasks=4, workers=1), log=lambda m: None)
+    assert resumed.version == reference.version
+    assert [(f["path"], f["sha256"]) for f in resumed.files] == [(f["path"], f["sha256"]) for f in reference.files]
+    assert resumed.metrics["funnel"] == reference.metrics["funnel"]
+
+
+def _netns_available() -> bool:
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _netns_available(), reason="unshare -n needs user namespaces or root")
+def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
+    lake = tmp_path / "lake"
+    Lake(str(lake))
+    src = curated["lake"]
+    # the same download version, copied into a fresh lake
+    with Lake(str(lake)).produce("download", curated["download"].params, [], "download/1") as p:
+        for f in curated["download"].files:
+            with src.open(curated["download"], f["path"]) as fh, p.open(f["path"]) as out:
+                out.write(fh.read())
+    cmd = (f"ip link set lo up; {BIN}/crawl2model --lake {lake} stage filter --tasks 2 && "
+           f"{BIN}/crawl2model --lake {lake} stage dedup --tasks 2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HTTP", "http"))}
+    r = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=600,
+                       env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = Lake(str(lake))
+    assert out.resolve("dedup").metrics["documents"] == curated["dedup"].metrics["documents"]
