@@ -15,8 +15,6 @@ import html
 import io
 import json
 import os
-import pkgutil
-import pydoc
 import uuid
 import warnings
 from pathlib import Path
@@ -38,37 +36,65 @@ _SAFE_MODULES = [  # imported for pydoc: pure-Python modules with no side effect
 ]
 
 
+def _prose(text: str) -> list[str]:
+    """The prose paragraphs of a documentation text: no indented code blocks, no doctests,
+    mostly alphabetic words (the web-quality filters would drop code anyway)."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = [ln for ln in para.splitlines() if ln.strip()]
+        if not lines or lines[0].startswith((" ", "\t")) or ">>>" in para:
+            continue
+        words = " ".join(ln.strip() for ln in lines).split()
+        alpha = sum(any(c.isalpha() for c in w) for w in words)
+        if len(words) >= 12 and alpha / len(words) >= 0.9:
+            out.append(" ".join(words))
+    return out
+
+
+def _page(title: str, section: str, sections: list[tuple[str, list[str]]]) -> str:
+    body = "".join(f"<h2>{html.escape(h)}</h2>\n" * bool(h) + "".join(f"<p>{html.escape(p)}</p>\n" for p in ps)
+                   for h, ps in sections)
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)} - Python {section}</title></head><body>"
+            f"<nav><a href=\"/\">Home</a> | <a href=\"/{section}/\">{section.title()}</a></nav>"
+            f"<main><article><h1>{html.escape(title)}</h1>\n{body}</article></main>"
+            f"<footer>Demo mirror page made from Python's own documentation.</footer></body></html>")
+
+
 def _topic_pages() -> list[tuple[str, str, str]]:
     from pydoc_data.topics import topics
 
     pages = []
     for name in sorted(topics):
-        text = topics[name].strip()
-        if len(text) < 400:
-            continue
-        paras = "".join(f"<p>{html.escape(p.strip())}</p>\n" for p in text.split("\n\n") if p.strip())
-        body = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<title>{html.escape(name)} - Python language reference</title></head><body>"
-                f"<nav><a href=\"/\">Home</a> | <a href=\"/reference/\">Reference</a></nav>"
-                f"<main><article><h1>{html.escape(name)}</h1>\n{paras}</article></main>"
-                f"<footer>Demo mirror page made from Python's pydoc topics.</footer></body></html>")
-        pages.append((f"https://docs.demo.invalid/reference/{name}.html", body, text))
+        paras = _prose(topics[name])
+        if len(paras) >= 3:
+            pages.append((f"https://docs.demo.invalid/reference/{name}.html",
+                          _page(name, "reference", [("", paras)]), "\n\n".join(paras)))
     return pages
 
 
 def _module_pages() -> list[tuple[str, str, str]]:
+    import inspect
+
     pages = []
-    renderer = pydoc.HTMLDoc()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in _SAFE_MODULES:
             try:
                 module = __import__(name)
-                body = renderer.page(f"Python: module {name}", renderer.document(module, name))
-                text = pydoc.plain(pydoc.render_doc(module, renderer=pydoc.plaintext))
             except Exception:
                 continue
-            pages.append((f"https://docs.demo.invalid/library/{name}.html", body, text))
+            sections = [("", _prose(inspect.getdoc(module) or ""))]
+            for attr, obj in sorted(vars(module).items()):
+                if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                    continue
+                paras = _prose(inspect.getdoc(obj) or "")
+                if paras:
+                    sections.append((attr, paras))
+            text = [p for _, ps in sections for p in ps]
+            if len(text) >= 3:
+                pages.append((f"https://docs.demo.invalid/library/{name}.html",
+                              _page(f"{name} module", "library", sections), "\n\n".join(text)))
     return pages
 
 
