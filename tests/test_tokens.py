@@ -1,0 +1,160 @@
+"""Stages `tokenizer` and `shard`, and the reader model/data.py, on the dedup output of the real
+WARCs plus real text from ../shared/data/text."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+
+from model.data import ShardLoader, read_meta, shard_files
+from tasks.dedup import DedupParams, dedup_documents
+from tasks.download import DownloadParams, download
+from tasks.filter import FilterParams, filter_documents
+from tasks.ingest import IngestParams, ingest_files
+from tasks.lake import Lake
+from tasks.shard import ShardParams, shard_documents
+from tasks.tokenizer import (SPECIAL_TOKENS, TokenizerError, TokenizerParams, iter_documents, load,
+                             tokenizer_path, train_tokenizer)
+from tests.conftest import run_cli
+
+EXTRA = ["tinyshakespeare.txt", "project_gutenberg_pride_and_prejudice.txt", "botchan.txt"]
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory):
+    lake = Lake(str(tmp_path_factory.mktemp("tokens") / "lake"))
+    dl = download(lake, DownloadParams(files=sorted(str(p) for p in (shared_data / "warc").iterdir())))
+    flt = filter_documents(lake, FilterParams(input=dl.ref, tasks=2, workers=2), log=lambda m: None)
+    dd = dedup_documents(lake, DedupParams(input=flt.ref, tasks=2, workers=2), log=lambda m: None)
+    extra = ingest_files(lake, IngestParams(files=[str(shared_data / "text" / n) for n in EXTRA]))
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, extra=[extra.ref], vocab_size=4096),
+                          log=lambda m: None)
+    sh = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=0.2,
+                                           shard_tokens=8000, row_group_tokens=2000), log=lambda m: None)
+    return {"lake": lake, "dedup": dd, "extra": extra, "tokenizer": tok, "shard": sh}
+
+
+def copy_version(src: Lake, dst: Lake, ref: str) -> str:
+    """Copy a version and its lineage into another lake; the same recipe gives the same version."""
+    m = src.resolve(ref)
+    inputs = [copy_version(src, dst, i) for i in m.inputs]
+    with dst.produce(m.kind, m.params, inputs, m.code_version) as p:
+        if not p.cached:
+            for f in m.files:
+                p.write_bytes(f["path"], src.open(m, f["path"]).read())
+            p.metrics.update(m.metrics)
+    assert p.version == m.version
+    return p.ref
+
+
+def test_tokenizer_is_lossless_with_reserved_tokens(corpus, shared_data):
+    lake, tok = corpus["lake"], corpus["tokenizer"]
+    sp = load(tokenizer_path(lake, tok.ref))
+    assert sp.get_piece_size() == 4096 and tok.inputs == [corpus["dedup"].ref, corpus["extra"].ref]
+    assert tok.metrics["roundtrip_exact"] == 1.0 and tok.metrics["heldout_documents"] >= 5
+    # every document of the corpus and every extra text round-trips exactly
+    for doc in iter_documents(lake, corpus["dedup"]):
+        assert sp.decode(sp.encode(doc["text"])) == doc["text"]
+    for name in EXTRA:
+        text = (shared_data / "text" / name).read_text()
+        assert sp.decode(sp.encode(text)) == text
+    tricky = "  leading spaces\n\n\ttabs, emoji 😀, CJK 世界, e\u0301 NFD, \r\n CRLF, trailing  "
+    assert sp.decode(sp.encode(tricky)) == tricky
+    # the reserved tokens: one token each, never produced by plain text
+    special = tok.metrics.get("special_tokens") or json.loads(lake.open(tok, "eval.json").read())["special_tokens"]
+    assert list(special) == SPECIAL_TOKENS and len(set(special.values())) == len(SPECIAL_TOKENS)
+    for piece, i in special.items():
+        assert sp.id_to_piece(i) == piece and sp.is_control(i)
+        assert i not in sp.encode(f"a {piece} b {piece}")
+    # bytes/token side by side with GPT-4's cl100k on the same held-out text
+    assert 2.0 < tok.metrics["bytes_per_token"] < tok.metrics["cl100k_bytes_per_token"] < 6.0
+    r = run_cli("--lake", lake.url, "tokenize", "--tokenizer", tok.ref, "Hello world")
+    assert r.returncode == 0 and str(sp.encode("Hello world")) in r.stdout
+
+
+def test_shard_counts_add_up_and_every_document_is_there_once(corpus):
+    lake, sh, dd = corpus["lake"], corpus["shard"], corpus["dedup"]
+    sp = load(tokenizer_path(lake, corpus["tokenizer"].ref))
+    expected = {d["id"]: len(sp.encode(d["text"])) + 1 for d in iter_documents(lake, dd)}
+    meta = json.loads(lake.open(sh, "meta.json").read())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 4096 and meta["tokenizer"] == corpus["tokenizer"].ref
+    assert sh.inputs == [dd.ref, corpus["tokenizer"].ref]
+    seen = collections.Counter()
+    totals = {}
+    for split in ("train", "val"):
+        total = 0
+        for entry in meta["splits"][split]["shards"]:
+            table = pq.read_table(lake.open(sh, entry["file"]))
+            assert str(table.schema.field("tokens").type) == "list<element: uint16>"
+            lengths = [len(t) for t in table.column("tokens").to_pylist()]
+            assert sum(lengths) == entry["tokens"] and len(lengths) == entry["documents"]
+            for doc_id, toks in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist()):
+                assert toks[0] == meta["bos_id"] and len(toks) == expected[doc_id]
+                seen[doc_id] += 1
+            total += entry["tokens"]
+        assert total == meta["splits"][split]["tokens"] == sh.metrics[f"{split}_tokens"]
+        totals[split] = total
+    assert seen == collections.Counter(expected.keys())  # each document exactly once
+    assert totals["train"] + totals["val"] == sum(expected.values())
+    assert sh.metrics["val_documents"] >= 1 and len(meta["splits"]["train"]["files"]) >= 2
+
+
+def test_shard_is_deterministic(corpus, tmp_path):
+    """Same inputs, same parameters: the same files, byte for byte, in another lake."""
+    lake, sh = corpus["lake"], corpus["shard"]
+    again = Lake(str(tmp_path / "again"))
+    copy_version(lake, again, corpus["tokenizer"].ref)
+    sh2 = shard_documents(again, ShardParams(input="dedup", tokenizer="tokenizer", val_fraction=0.2,
+                                             shard_tokens=8000, row_group_tokens=2000), log=lambda m: None)
+    assert {f["path"]: f["sha256"] for f in sh2.files} == {f["path"]: f["sha256"] for f in sh.files}
+
+
+def test_reader_resumes_exactly_and_ranks_are_disjoint(corpus):
+    lake, sh = corpus["lake"], corpus["shard"]
+    root = lake.path("shard", sh.version)
+    files = shard_files(root, "train")
+    a = ShardLoader(files, batch_size=16, seq_len=128)
+    for _ in range(7):
+        a.next_batch()
+    state = a.state_dict()
+    after = [a.next_batch() for _ in range(40)]  # crosses row groups, shards and an epoch
+    assert a.state_dict()["epoch"] >= 1
+    b = ShardLoader(files, batch_size=16, seq_len=128)
+    b.load_state_dict(json.loads(json.dumps(state)))  # as it would travel in a checkpoint
+    for (x1, y1), (x2, y2) in zip(after, (b.next_batch() for _ in range(40))):
+        assert x1.equal(x2) and y1.equal(y2)
+    x, y = after[0]
+    assert x[0, 1:].equal(y[0, :-1])  # targets are inputs shifted by one
+    # two ranks read disjoint row groups, together all of them
+    r0, r1 = (ShardLoader(files, 4, 32, rank=r, world_size=2) for r in (0, 1))
+    assert set(r0.units).isdisjoint(r1.units) and len(r0.units) + len(r1.units) == len(ShardLoader(files, 4, 32).units)
+    assert not r0.next_batch()[0].equal(r1.next_batch()[0])
+    with pytest.raises(ValueError, match="different data layout or world size"):
+        r1.load_state_dict(state)
+
+
+def test_bad_input_is_refused_before_work(corpus, tmp_path):
+    lake = corpus["lake"]
+    r = run_cli("--lake", lake.url, "stage", "tokenizer", "--vocab-size", "100")
+    assert r.returncode == 2 and "invalid vocab-size" in r.stderr and "greater than or equal to 327" in r.stderr
+    with pytest.raises(TokenizerError, match="vocab-size 60000 is too large for the"):
+        train_tokenizer(lake, TokenizerParams(input=corpus["dedup"].ref, extra=[corpus["extra"].ref],
+                                                  vocab_size=60000), log=lambda m: None)
+    # a tokenizer without the reserved tokens cannot shard
+    plain = tmp_path / "plain"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 200 + ["the quick brown fox"] * 200),
+                                   model_prefix=str(plain), vocab_size=40, model_type="bpe", minloglevel=2)
+    with lake.produce("tokenizer", {"plain": True}, [], "test/1") as p:
+        p.put_file(str(plain) + ".model", "tokenizer.model")
+    with pytest.raises(TokenizerError, match="lacks the reserved token '<\\|bos\\|>'"):
+        shard_documents(lake, ShardParams(input=corpus["dedup"].ref, tokenizer=p.ref), log=lambda m: None)
+    assert not [m for m in lake.versions("shard") if corpus["tokenizer"].ref not in m.inputs]
+    # an empty corpus
+    with lake.produce("dedup", {"empty": True}, [], "test/1") as e:
+        e.metrics["documents"] = 0
+    with pytest.raises(TokenizerError, match="holds no documents"):
+        train_tokenizer(lake, TokenizerParams(input=e.ref, vocab_size=4096), log=lambda m: None)
