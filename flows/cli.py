@@ -22,6 +22,9 @@ from tasks.lake import Lake, LakeError, Ref
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
+_STAGES = ("download", "filter", "dedup", "tokenizer", "shard", "pretrain")
+
+
 class UsageError(Exception):
     """Bad usage: exit status 2."""
 
@@ -170,12 +173,13 @@ def _run_flow(fn, *args, **kwargs) -> str:
     from tasks.dedup import DedupError
     from tasks.download import DownloadError
     from tasks.filter import FilterError
+    from tasks.pretrain import PretrainError
     from tasks.tokenizer import TokenizerError
     from tasks.warc import WarcError
 
     try:
         return fn(*args, **kwargs)
-    except (DownloadError, WarcError, FilterError, DedupError, TokenizerError) as e:
+    except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError) as e:
         raise RunFailed(str(e)) from None
 
 
@@ -284,6 +288,21 @@ def cmd_stage_shard(lake: Lake, args) -> int:
     return 0
 
 
+def cmd_stage_pretrain(lake: Lake, args) -> int:
+    from flows.pretrain import pretrain as pretrain_flow
+    from tasks.pretrain import PretrainParams
+
+    values = {"input": _input(lake, args.input, "shard"), "preset": args.preset, "max_steps": args.max_steps,
+              "nproc_per_node": args.nproc_per_node, "nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint,
+              "compile": args.compile or None, **_override(PretrainParams, args.set)}
+    params = _params(PretrainParams, **values)
+    m = lake.resolve(_run_flow(pretrain_flow, params, lake_url=lake.url))
+    x = m.metrics
+    out.print(f"{m.ref}: {x['steps']} steps, final loss {x['final_loss']}, val loss {x.get('val_loss')}, "
+              f"val bits/byte {x.get('val_bpb')}")
+    return 0
+
+
 def cmd_tokenize(lake: Lake, args) -> int:
     from tasks.tokenizer import load, render_terminal, tokenizer_path
 
@@ -307,7 +326,46 @@ def cmd_demo_mirror(lake: Lake, args) -> int:
 def cmd_demo(lake: Lake, args) -> int:
     from flows.demo import demo
 
-    demo(lake.url)
+    _run_flow(demo, lake.url)
+    return 0
+
+
+def cmd_run(lake: Lake, args) -> int:
+    from flows.pipeline import STAGES, PipelineParams, pipeline, summary_rows
+    from tasks.lake import now_iso
+    from tasks.presets import preset
+
+    try:
+        base = preset(args.preset, "file://" + os.path.abspath("demo-mirror") + "/")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    values = {**{k: v.model_dump() for k, v in base.items()}, "from_stage": args.from_stage or STAGES[0],
+              "to_stage": args.to_stage or STAGES[-1], "rebuild": args.rebuild or []}
+    for stage, fields in _override(PipelineParams, args.set).items():
+        if stage not in STAGES or not isinstance(fields, dict):
+            raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
+        values[stage] = {**values[stage], **fields}
+    params = _params(PipelineParams, **values)
+    started = now_iso()
+    refs = _run_flow(pipeline, params, lake_url=lake.url)
+    table = Table(title="pipeline")
+    for col in ("stage", "version", "built", "numbers"):
+        table.add_column(col)
+    for row in summary_rows(lake, refs, {}, started):
+        table.add_row(row["stage"], row["version"], "cache hit" if row["cache hit"] else "built now", row["numbers"])
+    out.print(table)
+    return 0
+
+
+def cmd_sample(lake: Lake, args) -> int:
+    from model.sample import generate_text
+
+    m = lake.resolve(args.model)
+    if m.kind != "pretrain":
+        raise UsageError(f"--model must be a pretrain version, not {m.ref}")
+    text = generate_text(lake.file_uri(m, "final"), args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(text)
     return 0
 
 
@@ -324,6 +382,25 @@ def build_parser() -> Parser:
 
     dm = sub.add_parser("demo", help="offline end-to-end run on the embedded defaults")
     dm.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="the pipeline: download -> filter -> dedup -> tokenizer -> shard -> pretrain")
+    run.add_argument("--preset", choices=["demo", "small", "gpt2"], default="demo")
+    run.add_argument("--from", dest="from_stage", choices=list(_STAGES))
+    run.add_argument("--to", dest="to_stage", choices=list(_STAGES))
+    run.add_argument("--rebuild", action="append", choices=list(_STAGES), help="build this stage again")
+    run.add_argument("--set", action="append", metavar="STAGE.FIELD=VALUE",
+                     help="override a stage parameter, e.g. pretrain.max_steps=100")
+    run.set_defaults(func=cmd_run)
+
+    smp = sub.add_parser("sample", help="generate text with a trained model")
+    smp.add_argument("--model", required=True, help="pretrain version (e.g. pretrain@latest)")
+    smp.add_argument("--prompt", required=True)
+    smp.add_argument("--max-new-tokens", type=int, default=100)
+    smp.add_argument("--temperature", type=float, default=0.8)
+    smp.add_argument("--top-k", type=int, default=50)
+    smp.add_argument("--top-p", type=float, default=None)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.set_defaults(func=cmd_sample)
 
     mir = sub.add_parser("demo-mirror", help="build a small Common Crawl-layout mirror in DIR")
     mir.add_argument("dir")
@@ -379,6 +456,17 @@ def build_parser() -> Parser:
     sh.add_argument("--shard-tokens", type=int)
     sh.add_argument("--set", action="append", metavar="FIELD=VALUE")
     sh.set_defaults(func=cmd_stage_shard)
+
+    pt = ssub.add_parser("pretrain", help="train a GPT with torchrun on a shard version")
+    pt.add_argument("--input", help="shard version (default: shard@latest)")
+    pt.add_argument("--preset", choices=["tiny", "gpt2-small", "gpt2-medium", "1b"])
+    pt.add_argument("--max-steps", type=int)
+    pt.add_argument("--nproc-per-node", type=int)
+    pt.add_argument("--nnodes", type=int)
+    pt.add_argument("--rdzv-endpoint", help="HOST:PORT for multi-node rendezvous")
+    pt.add_argument("--compile", action="store_true")
+    pt.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. lr=3e-4 or batch_size=16")
+    pt.set_defaults(func=cmd_stage_pretrain)
 
     tz = sub.add_parser("tokenize", help="show a text split into tokens with their ids")
     tz.add_argument("--tokenizer", default="tokenizer", help="tokenizer version (default: tokenizer@latest)")

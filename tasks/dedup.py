@@ -38,7 +38,7 @@ class DedupParams(StageParams):
     workers: int = Field(2, ge=1, le=1024, description="parallel processes (not part of the version)")
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "workers"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers"})
 
 
 class DedupError(Exception):
@@ -162,7 +162,7 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
         if metrics["documents"] == 0:
             raise DedupError(f"no document survived dedup of {source.ref}")
 
-    return run_stage(lake, "dedup", params.recipe(), [source.ref], CODE_VERSION, build)
+    return run_stage(lake, "dedup", params.recipe(), [source.ref], CODE_VERSION, build, rebuild=params.rebuild)
 
 
 def _dedup_adapter(self, doc) -> dict:

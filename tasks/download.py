@@ -399,7 +399,7 @@ def download(lake: Lake, params: DownloadParams, log: Callable[[str], None] | No
         if not lake.is_local:
             shutil.rmtree(staging, ignore_errors=True)
 
-    return run_stage(lake, "download", recipe, [], CODE_VERSION, build)
+    return run_stage(lake, "download", recipe, [], CODE_VERSION, build, rebuild=params.rebuild)
 
 
 def _sum_counts(dicts) -> dict[str, int]:

@@ -17,12 +17,12 @@ from typing import Callable, Literal
 from pydantic import Field, field_validator
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, Strict, run_stage
 
 CODE_VERSION = "filter/1"
 
 
-class GopherRepetition(StageParams):
+class GopherRepetition(Strict):
     enabled: bool = True
     dup_line_frac: float = Field(0.3, ge=0, le=1)
     dup_para_frac: float = Field(0.3, ge=0, le=1)
@@ -32,7 +32,7 @@ class GopherRepetition(StageParams):
     dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
 
 
-class GopherQuality(StageParams):
+class GopherQuality(Strict):
     enabled: bool = True
     min_doc_words: int = Field(50, ge=0)
     max_doc_words: int = Field(100_000, ge=1)
@@ -45,7 +45,7 @@ class GopherQuality(StageParams):
     min_stop_words: int = Field(2, ge=0)
 
 
-class C4Quality(StageParams):
+class C4Quality(Strict):
     enabled: bool = True
     filter_no_terminal_punct: bool = False  # FineWeb turns this C4 rule off
     min_num_sentences: int = 5
@@ -57,7 +57,7 @@ class C4Quality(StageParams):
     filter_policy: bool = True
 
 
-class FineWebQuality(StageParams):
+class FineWebQuality(Strict):
     enabled: bool = True
     line_punct_thr: float = Field(0.12, ge=0, le=1)
     line_punct_exclude_zero: bool = False
@@ -97,7 +97,7 @@ class FilterParams(StageParams):
         return sorted(set(v))
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "workers"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers"})
 
 
 class FilterError(Exception):
@@ -236,7 +236,7 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
         if funnel[-1]["documents"] == 0:
             raise FilterError(f"no document survived the filters of {prod.ref}:\n{funnel_markdown(funnel)}")
 
-    return run_stage(lake, "filter", params.recipe(), [source.ref], CODE_VERSION, build)
+    return run_stage(lake, "filter", params.recipe(), [source.ref], CODE_VERSION, build, rebuild=params.rebuild)
 
 
 def publish_funnel(funnel: list[dict], ref: str) -> None:

@@ -59,4 +59,4 @@ def ingest_files(lake: Lake, params: IngestParams) -> Manifest:
         prod.metrics["files"] = len(params.files)
         prod.metrics["bytes"] = sum(os.path.getsize(f) for f in params.files)
 
-    return run_stage(lake, "ingest", content, [], CODE_VERSION, build)
+    return run_stage(lake, "ingest", content, [], CODE_VERSION, build, rebuild=params.rebuild)

@@ -363,7 +363,7 @@ class Lake:
     # -- writing ------------------------------------------------------------------
     def produce(self, kind: str, params: dict, inputs: list[str], code_version: str, *,
                 lease_ttl: float = 60.0, wait_timeout: float = 24 * 3600.0,
-                flow_run_id: str | None = None) -> "Production":
+                flow_run_id: str | None = None, rebuild: bool = False) -> "Production":
         """Start (or join) the production of one version. Use as a context manager::
 
             with lake.produce("filter", params, ["download@ab12..."], "1") as p:
@@ -377,7 +377,7 @@ class Lake:
         resolved = [self.resolve(i).ref for i in inputs]
         version = version_of(kind, params, resolved, code_version)
         return Production(self, kind, version, params, resolved, code_version,
-                          lease_ttl, wait_timeout, flow_run_id)
+                          lease_ttl, wait_timeout, flow_run_id, rebuild=rebuild)
 
     # -- garbage collection --------------------------------------------------------
     def gc(self, dry_run: bool = False) -> dict[str, list[str]]:
@@ -489,6 +489,7 @@ class Production:
     _heartbeat: threading.Thread | None = None
     _lost: bool = False
     on_wait: Callable[[dict], None] | None = None
+    rebuild: bool = False  # build again even if committed: un-commit first, then start clean
 
     @property
     def ref(self) -> str:
@@ -514,7 +515,7 @@ class Production:
         deadline = time.time() + self.wait_timeout
         while True:
             existing = self.lake.manifest(self.kind, self.version)
-            if existing is not None:
+            if existing is not None and not self.rebuild:
                 # A cache hit is what the user asked for now: `latest` follows it, so the
                 # next stage's default input is the one just requested.
                 self.manifest, self.cached = existing, True
@@ -526,9 +527,11 @@ class Production:
             if top is None or _lease_is_stale(holder or {}):
                 gen = top[0] + 1 if top else 1
                 path = f"{self.dir}/{LEASES}/{gen:08d}.json"
-                if self.lake._create_exclusive(path, self._lease_body()):
-                    self._gen, self._lease_path = gen, path
+                if self._create_lease(path, gen):
                     self.resumed = top is not None
+                    if self.rebuild:
+                        self._clear()
+                        self.rebuild, self.resumed = False, False
                     # A racer may have committed between our check and our lease.
                     if self.lake.manifest(self.kind, self.version) is not None:
                         self._release()
@@ -542,6 +545,23 @@ class Production:
             if self.on_wait:
                 self.on_wait(holder or {})
             time.sleep(0.2)
+
+    def _create_lease(self, path: str, gen: int) -> bool:
+        if not self.lake._create_exclusive(path, self._lease_body()):
+            return False
+        self._gen, self._lease_path = gen, path
+        return True
+
+    def _clear(self) -> None:
+        """Un-commit (manifest first: readers never see a half-deleted version), then remove
+        every file and work-in-progress marker of the version, keeping our lease."""
+        with self.lake._io(f"clearing {self.ref} for a rebuild"):
+            manifest = self.lake.path(self.kind, self.version, MANIFEST)
+            if self.lake.fs.exists(manifest):
+                self.lake.fs.rm_file(manifest)
+            for p in self.lake.files_under(self.dir):
+                if f"/{LEASES}/" not in p:
+                    self.lake.fs.rm_file(p)
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:

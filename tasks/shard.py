@@ -41,7 +41,7 @@ class ShardParams(StageParams):
     threads: int = Field(2, ge=1, le=1024, description="tokenising threads (not part of the version)")
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "tokenizer", "threads"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "threads"})
 
 
 def _unit(key: str) -> float:
@@ -140,7 +140,7 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
             f"{len(splits['train']['files'])} + {len(splits['val']['files'])} shards")
         publish(splits, prod.ref)
 
-    return run_stage(lake, "shard", params.recipe(), [source.ref, tok.ref], CODE_VERSION, build)
+    return run_stage(lake, "shard", params.recipe(), [source.ref, tok.ref], CODE_VERSION, build, rebuild=params.rebuild)
 
 
 def publish(splits: dict, ref: str) -> None:

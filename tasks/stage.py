@@ -7,15 +7,21 @@ import json
 import time
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.lake import Lake, Manifest, Production
 
 
-class StageParams(BaseModel):
-    """Base of every stage's parameter model: unknown fields are an error, not ignored."""
+class Strict(BaseModel):
+    """Unknown fields are an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class StageParams(Strict):
+    """Base of every stage's parameter model."""
+
+    rebuild: bool = Field(False, description="build again even if this version exists (not part of the version)")
 
 
 def _prefect_context() -> tuple[str | None, object]:
@@ -67,13 +73,12 @@ def publish(lake: Lake, m: Manifest, cached: bool) -> None:
 
 
 def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_version: str,
-              build: Callable[[Production], None]) -> Manifest:
+              build: Callable[[Production], None], rebuild: bool = False) -> Manifest:
     """Produce `kind` for this recipe (the parameters that define the output: they make the
     version) and these inputs, or reuse the committed version."""
     flow_run_id, log = _prefect_context()
     started = time.time()
-    with lake.produce(kind, recipe, inputs, code_version,
-                      flow_run_id=flow_run_id) as prod:
+    with lake.produce(kind, recipe, inputs, code_version, flow_run_id=flow_run_id, rebuild=rebuild) as prod:
         if prod.cached:
             log.info("%s: cache hit, already built", prod.ref)
         else:

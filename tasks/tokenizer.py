@@ -40,7 +40,7 @@ class TokenizerParams(StageParams):
     threads: int = Field(2, ge=1, le=1024, description="training threads (not part of the version)")
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "extra", "threads"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "extra", "threads"})
 
 
 class TokenizerError(Exception):
@@ -171,7 +171,7 @@ def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], No
         publish(report, prod.ref)
 
     inputs = [source.ref] + [e.ref for e in extras]
-    return run_stage(lake, "tokenizer", params.recipe(), inputs, CODE_VERSION, build)
+    return run_stage(lake, "tokenizer", params.recipe(), inputs, CODE_VERSION, build, rebuild=params.rebuild)
 
 
 def evaluate(sp, held: list[str]) -> dict:

@@ -1,0 +1,266 @@
+"""Stage `pretrain`: launch `torchrun -m model.train` on a shard version and commit the model.
+
+The training code lives in model/ and knows nothing of Prefect or the lake: it reads shards
+from a folder and writes checkpoints to a folder. This module gives it the version's folder
+(so a rerun of the same version resumes from the newest checkpoint), runs torchrun in its own
+process group, streams its output line by line into the log, keeps a progress artifact
+current, kills the whole group on cancel or timeout, and publishes the loss curve.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Literal
+
+from pydantic import Field, field_validator
+
+from tasks.lake import Lake, Manifest, Production
+from tasks.stage import StageParams, run_stage
+
+CODE_VERSION = "pretrain/1"
+DEFAULT_PROMPTS = ["The ", "In the beginning", "Python is"]
+
+
+class PretrainParams(StageParams):
+    """The `pretrain` stage. Launch settings (processes, nodes, timeout) are not part of the
+    version; everything that shapes the weights is."""
+
+    input: str = Field("shard", description="the shard version to train on (a ref)")
+    preset: Literal["tiny", "gpt2-small", "gpt2-medium", "1b"] = "tiny"
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1, description="micro-batch per rank (sequences)")
+    seq_len: int | None = Field(None, ge=8, description="context length (default: the preset's)")
+    tokens_per_step: int | None = Field(None, ge=1, description="gradient accumulation target")
+    lr: float = Field(6e-4, gt=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    eval_every: int = Field(50, ge=0)
+    eval_steps: int = Field(10, ge=1)
+    sample_every: int = Field(100, ge=0)
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    checkpoint_every: int = Field(100, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = Field(1337, ge=0)
+    compile: bool = False
+    fsdp: bool = False
+    activation_checkpointing: bool = False
+    # how it runs, not what it makes:
+    nproc_per_node: int = Field(1, ge=1, le=1024)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the rendezvous for multi-node")
+    timeout_s: float = Field(24 * 3600, gt=0)
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and (":" not in v or not v.rsplit(":", 1)[1].isdigit()):
+            raise ValueError(f"invalid rdzv endpoint {v!r}: expected HOST:PORT")
+        return v
+
+    def recipe(self) -> dict:
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "nproc_per_node", "nnodes",
+                                                     "rdzv_endpoint", "timeout_s"})
+
+    def train_args(self) -> list[str]:
+        args = ["--preset", self.preset, "--max-steps", str(self.max_steps), "--batch-size", str(self.batch_size),
+                "--lr", str(self.lr), "--warmup-steps", str(self.warmup_steps), "--schedule", self.schedule,
+                "--weight-decay", str(self.weight_decay), "--grad-clip", str(self.grad_clip),
+                "--eval-every", str(self.eval_every), "--eval-steps", str(self.eval_steps),
+                "--sample-every", str(self.sample_every), "--checkpoint-every", str(self.checkpoint_every),
+                "--keep-checkpoints", str(self.keep_checkpoints), "--seed", str(self.seed)]
+        if self.seq_len:
+            args += ["--seq-len", str(self.seq_len)]
+        if self.tokens_per_step:
+            args += ["--tokens-per-step", str(self.tokens_per_step)]
+        for p in self.prompts:
+            args += ["--prompt", p]
+        args += ["--compile"] * self.compile + ["--fsdp"] * self.fsdp
+        args += ["--activation-checkpointing"] * self.activation_checkpointing
+        return args
+
+
+class PretrainError(Exception):
+    pass
+
+
+def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(params.nproc_per_node)]
+    if params.nnodes > 1 or params.rdzv_endpoint:
+        launcher += ["--nnodes", str(params.nnodes), "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", params.rdzv_endpoint or "127.0.0.1:29500"]
+    else:
+        launcher += ["--standalone"]
+    return launcher + ["-m", "model.train", "--data", data, "--out", out, "--tokenizer", tokenizer,
+                       *params.train_args()]
+
+
+def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None], env: dict | None = None) -> None:
+    """Run torchrun in its own process group, streaming its output as it comes; on timeout
+    or cancellation (KeyboardInterrupt, Prefect's cancel) kill the whole group."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True, env={**os.environ, **(env or {})},
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
+    timer.start()
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail = (tail + [line])[-20:]
+            on_line(line)
+        rc = proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        timer.cancel()
+    if rc != 0:
+        last = next((t for t in reversed(tail) if t.strip().startswith(("error", "Error", "ERROR"))), None)
+        raise PretrainError(f"training failed (torchrun exit {rc})" + (f": {last}" if last else
+                            ": " + " | ".join(tail[-3:])))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def loss_plot_png(history: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [h["step"] for h in history if "loss" in h]
+    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train loss")
+    val = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class _Progress:
+    """A Prefect progress artifact (and log lines) following the training steps."""
+
+    def __init__(self, max_steps: int, log: Callable[[str], None]):
+        self.max_steps, self.log, self.id, self.last = max_steps, log, None, 0.0
+        self.history: list[dict] = []
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import get_run_context
+
+            get_run_context()
+            self.id = create_progress_artifact(0.0, key="pretrain-progress", description="training steps")
+        except Exception:
+            self.id = None
+
+    def __call__(self, line: str) -> None:
+        record = None
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+        if not isinstance(record, dict) or "step" not in record:
+            self.log(line)
+            return
+        self.history.append(record)
+        msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                       if k != "samples")
+        self.log(msg)
+        for s in record.get("samples", []) or []:
+            self.log(f"sample: {s}")
+        now = time.time()
+        if self.id is not None and (now - self.last > 2 or record["step"] >= self.max_steps):
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self.id, progress=100.0 * record["step"] / self.max_steps,
+                                         description=f"step {record['step']}/{self.max_steps} "
+                                                     f"loss {record.get('loss', float('nan')):.3f} "
+                                                     f"{record.get('tokens_per_s', 0):.0f} tok/s")
+            except Exception:
+                pass
+            self.last = now
+
+
+def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = print) -> Manifest:
+    source = lake.resolve(params.input)
+    if source.kind != "shard":
+        raise PretrainError(f"pretrain reads a shard version, not {source.ref}")
+    tokenizer_ref = json.loads(lake.open(source, "meta.json").read())["tokenizer"]
+
+    def build(prod: Production) -> None:
+        data = lake.uri(source.kind, source.version)
+        out = prod.uri()  # a path or fsspec URL: checkpoints land in the version, so a rerun resumes
+        tokenizer = lake.file_uri(source, "tokenizer.model")
+        cmd = torchrun_command(params, data, out, tokenizer)
+        # a quick check of the inputs first: bad shapes and vocabularies fail before the launch
+        check = subprocess.run([sys.executable, "-m", "model.train", "--data", data, "--out", out,
+                                "--tokenizer", tokenizer, *params.train_args(), "--check"],
+                               capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if check.returncode != 0:
+            msg = (check.stderr.strip() or check.stdout.strip()).splitlines()
+            raise PretrainError(msg[-1] if msg else f"model.train --check failed ({check.returncode})")
+        log("launching: " + " ".join(cmd))
+        progress = _Progress(params.max_steps, log)
+        run_torchrun(cmd, params.timeout_s, progress, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")
+                                                           if params.nproc_per_node > 1 else
+                                                           os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))})
+        with lake.fs.open(prod.path("metrics.json"), "rb") as f:
+            history = json.load(f)
+        history = history.get("history", history) if isinstance(history, dict) else history
+        png = loss_plot_png(history)
+        prod.write_bytes("loss.png", png)
+        last = [h for h in history if "loss" in h][-1]
+        vals = [h for h in history if h.get("val_loss") is not None]
+        prod.metrics.update({"steps": last["step"], "final_loss": round(last["loss"], 4),
+                             "val_loss": round(vals[-1]["val_loss"], 4) if vals else None,
+                             "val_bpb": round(vals[-1]["val_bpb"], 4) if vals and vals[-1].get("val_bpb") else None,
+                             "tokens_per_s": last.get("tokens_per_s"), "tokenizer": tokenizer_ref})
+        publish(prod.ref, png, history)
+
+    return run_stage(lake, "pretrain", params.recipe(), [source.ref, tokenizer_ref], CODE_VERSION, build, rebuild=params.rebuild)
+
+
+def publish(ref: str, png: bytes, history: list[dict]) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    img = base64.b64encode(png).decode()
+    create_markdown_artifact(key="pretrain-loss", markdown=f"# Loss curve of `{ref}`\n\n"
+                             f"![loss curve](data:image/png;base64,{img})",
+                             description=f"{ref}: training and validation loss")
+    rows = [{k: h.get(k) for k in ("step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")}
+            for h in history if h.get("val_loss") is not None or h is history[-1]]
+    create_table_artifact(key="pretrain-metrics", table=rows, description=f"{ref}: metrics at each evaluation")
