@@ -17,7 +17,7 @@ def preset(name: str, demo_base_url: str | None = None) -> dict:
                                            segments=4),
                 "filter": FilterParams(), "dedup": DedupParams(),
                 "tokenizer": TokenizerParams(vocab_size=1024, holdout_fraction=0.1),
-                "shard": ShardParams(val_fraction=0.1, shard_tokens=1 << 20),
+                "shard": ShardParams(val_fraction=0.1, shard_tokens=8192, row_group_tokens=2048),
                 "pretrain": PretrainParams(preset="tiny", max_steps=300, batch_size=8, seq_len=128,
                                            eval_every=50, sample_every=100, checkpoint_every=100,
                                            nproc_per_node=2)}

@@ -115,10 +115,13 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
     timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
     timer.start()
     tail: list[str] = []
+    first_error = None  # model.train prints "error: ..." on bad input; torchrun then adds noise
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail = (tail + [line])[-20:]
+            if first_error is None and line.lstrip().startswith("error:"):
+                first_error = line.strip()
             on_line(line)
         rc = proc.wait()
     except BaseException:
@@ -127,9 +130,8 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
     finally:
         timer.cancel()
     if rc != 0:
-        last = next((t for t in reversed(tail) if t.strip().startswith(("error", "Error", "ERROR"))), None)
-        raise PretrainError(f"training failed (torchrun exit {rc})" + (f": {last}" if last else
-                            ": " + " | ".join(tail[-3:])))
+        raise PretrainError(f"training failed (torchrun exit {rc}): "
+                            + (first_error.removeprefix("error:").strip() if first_error else " | ".join(tail[-3:])))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
