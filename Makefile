@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench server clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# A Prefect server on http://127.0.0.1:4200 and every deployment served from this machine.
+server: $(STAMP)
+	$(VENV)/bin/prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api >/dev/null
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 & \
+	  server=$$!; trap "kill $$server" EXIT; \
+	  until curl -sf http://127.0.0.1:4200/api/health >/dev/null; do sleep 1; done; \
+	  PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m deployments.serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache lake

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ from pydantic import Field
 from tasks.lake import Lake, LakeError, Manifest, Production
 from tasks.stage import StageParams, run_stage
 
-CODE_VERSION = "tokenizer/1"
+CODE_VERSION = "tokenizer/2"
 SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 BOS, PAD = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 # unk (id 0) + the specials + 256 byte pieces must fit, with room for merges
@@ -137,15 +138,22 @@ def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], No
                 raise TokenizerError(f"no held-out documents for evaluation in {source.ref} "
                                      f"(holdout_fraction {params.holdout_fraction}); add text or raise it")
             prefix = os.path.join(tmp, "tokenizer")
+            model = io.BytesIO()
             try:
-                spm.SentencePieceTrainer.train(
-                    input=sample_path, model_prefix=prefix, model_type="bpe", vocab_size=params.vocab_size,
-                    character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
-                    remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-                    allow_whitespace_only_pieces=True, max_sentence_length=1 << 20,
-                    unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=SPECIAL_TOKENS,
-                    user_defined_symbols=["\n", "\t"], input_sentence_size=0, shuffle_input_sentence=False,
-                    num_threads=params.threads, seed_sentencepiece_size=1_000_000, minloglevel=2)
+                # sentence_iterator + model_writer: the trained model records no file paths, so
+                # the same sample gives the same bytes wherever it was made
+                with open(sample_path, encoding="utf-8") as lines:
+                    spm.SentencePieceTrainer.train(
+                        sentence_iterator=(line.rstrip("\n") for line in lines), model_writer=model,
+                        model_type="bpe", vocab_size=params.vocab_size,
+                        character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
+                        remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                        allow_whitespace_only_pieces=True, max_sentence_length=1 << 20,
+                        unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=SPECIAL_TOKENS,
+                        user_defined_symbols=["\n", "\t"], input_sentence_size=0, shuffle_input_sentence=False,
+                        num_threads=params.threads, seed_sentencepiece_size=1_000_000, minloglevel=2)
+                with open(prefix + ".model", "wb") as f:
+                    f.write(model.getvalue())
             except RuntimeError as e:
                 msg = str(e).splitlines()[0]
                 if "Vocabulary size too high" in msg or "vocab_size" in msg:
@@ -153,6 +161,8 @@ def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], No
                                          f"{sampled:,}-byte sample ({msg}); lower --vocab-size or add text") from None
                 raise TokenizerError(f"sentencepiece training failed: {msg}") from None
             sp = load(prefix + ".model")
+            with open(prefix + ".vocab", "w", encoding="utf-8") as f:
+                f.writelines(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
             special = check_special_tokens(sp)
             report = evaluate(sp, held)
             report.update({"special_tokens": special, "vocab_size": sp.get_piece_size(),
@@ -248,11 +258,16 @@ def tokenizer_path(lake: Lake, ref: str) -> str:
         raise LakeError(f"{m.ref} is not a tokenizer")
     if lake.is_local:
         return lake.path(m.kind, m.version, "tokenizer.model")
-    cache = os.path.join(tempfile.gettempdir(), "crawl2model-cache", "tokenizer", m.version)
+    from tasks.ingest import sha256_file
+
+    want = next(f["sha256"] for f in m.files if f["path"] == "tokenizer.model")
+    cache = os.path.join(os.environ.get("CRAWL2MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "crawl2model-cache"),
+                         "tokenizer", want)  # keyed by content: a cached copy is the right bytes
     os.makedirs(cache, exist_ok=True)
     path = os.path.join(cache, "tokenizer.model")
-    if not os.path.exists(path):
-        with lake.open(m, "tokenizer.model") as src, open(path + ".tmp", "wb") as dst:
+    if not os.path.exists(path) or sha256_file(path) != want:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with lake.open(m, "tokenizer.model") as src, open(tmp, "wb") as dst:
             dst.write(src.read())
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return path

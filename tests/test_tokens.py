@@ -103,11 +103,16 @@ def test_shard_counts_add_up_and_every_document_is_there_once(corpus):
     assert sh.metrics["val_documents"] >= 1 and len(meta["splits"]["train"]["files"]) >= 2
 
 
-def test_shard_is_deterministic(corpus, tmp_path):
-    """Same inputs, same parameters: the same files, byte for byte, in another lake."""
-    lake, sh = corpus["lake"], corpus["shard"]
+def test_tokenizer_and_shard_are_deterministic(corpus, tmp_path):
+    """Same inputs, same parameters: the same files, byte for byte, trained again elsewhere."""
+    lake, sh, tok = corpus["lake"], corpus["shard"], corpus["tokenizer"]
     again = Lake(str(tmp_path / "again"))
-    copy_version(lake, again, corpus["tokenizer"].ref)
+    copy_version(lake, again, corpus["dedup"].ref)
+    copy_version(lake, again, corpus["extra"].ref)
+    tok2 = train_tokenizer(again, TokenizerParams(input=corpus["dedup"].ref, extra=[corpus["extra"].ref],
+                                                  vocab_size=4096), log=lambda m: None)
+    assert tok2.version == tok.version
+    assert {f["path"]: f["sha256"] for f in tok2.files} == {f["path"]: f["sha256"] for f in tok.files}
     sh2 = shard_documents(again, ShardParams(input="dedup", tokenizer="tokenizer", val_fraction=0.2,
                                              shard_tokens=8000, row_group_tokens=2000), log=lambda m: None)
     assert {f["path"]: f["sha256"] for f in sh2.files} == {f["path"]: f["sha256"] for f in sh.files}

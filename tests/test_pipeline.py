@@ -1,0 +1,181 @@
+"""The pipeline end to end (demo preset), on a local lake and on S3, the cache-hit rerun, a single
+stage rebuilt, deployments against a real `prefect server start`, and the UI in Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.lake import Lake
+from tests.conftest import BIN, ROOT, free_port, make_bucket, run_cli, wait_port
+
+STAGES = ["download", "filter", "dedup", "tokenizer", "shard", "pretrain"]
+QUICK = ["--set", "pretrain.max_steps=20", "--set", "pretrain.eval_every=10", "--set", "pretrain.sample_every=0",
+         "--set", "pretrain.checkpoint_every=10"]
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mirror") / "demo-mirror"
+    r = run_cli("demo-mirror", str(d))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None):
+    # `run --preset demo` reads the mirror from ./demo-mirror: run where it is
+    return subprocess.run([str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK, *extra],
+                          capture_output=True, text=True, timeout=900, cwd=cwd or mirror.parent,
+                          env={**os.environ, **(env or {})})
+
+
+def versions_and_hashes(lake: Lake) -> dict:
+    out = {}
+    for kind in STAGES:
+        m = lake.resolve(kind)
+        out[kind] = (m.version, {f["path"]: f["sha256"] for f in m.files})
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_run(mirror, tmp_path_factory):
+    lake = str(tmp_path_factory.mktemp("pipe") / "lake")
+    r = run_pipeline(lake, mirror)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return lake, r
+
+
+def test_demo_pipeline_end_to_end(local_run):
+    lake_url, r = local_run
+    lake = Lake(lake_url)
+    ms = {k: lake.resolve(k) for k in STAGES}
+    # lineage from checkpoint back to the crawl
+    assert ms["pretrain"].inputs == [ms["shard"].ref, ms["tokenizer"].ref]
+    assert ms["shard"].inputs == [ms["dedup"].ref, ms["tokenizer"].ref]
+    assert ms["dedup"].inputs == [ms["filter"].ref] and ms["filter"].inputs == [ms["download"].ref]
+    assert ms["filter"].metrics["documents"] >= 10 and ms["shard"].metrics["train_tokens"] > 5000
+    files = {f["path"] for f in ms["pretrain"].files}
+    assert {"final/model.safetensors", "final/config.json", "loss.png", "metrics.json"} <= files
+    assert ms["pretrain"].metrics["steps"] == 20
+    for kind in STAGES:
+        assert f"{kind}@" in r.stdout and "built now" in r.stdout
+    s = run_cli("--lake", lake_url, "sample", "--model", "pretrain@latest", "--prompt", "The ", "--max-new-tokens", "20")
+    assert s.returncode == 0 and s.stdout.startswith("The ") and len(s.stdout.strip()) > 5
+
+
+def test_second_run_is_all_cache_hits(local_run, mirror):
+    lake_url, _ = local_run
+    before = versions_and_hashes(Lake(lake_url))
+    t = time.time()
+    r = run_pipeline(lake_url, mirror)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("cache hit") == 6 and "built now" not in r.stdout
+    assert versions_and_hashes(Lake(lake_url)) == before
+    assert time.time() - t < 120
+
+
+def test_rebuild_one_stage(local_run, mirror):
+    lake_url, _ = local_run
+    lake = Lake(lake_url)
+    old = lake.resolve("shard")
+    time.sleep(1.1)  # created_at has one-second resolution
+    r = run_pipeline(lake_url, mirror, "--from", "shard", "--to", "shard", "--rebuild", "shard")
+    assert r.returncode == 0, r.stderr[-3000:]
+    new = lake.resolve("shard")
+    assert new.version == old.version and new.created_at > old.created_at
+    assert new.files == old.files  # deterministic: the same bytes again
+    assert "built now" in r.stdout and "pretrain@" not in r.stdout
+
+
+def test_the_same_pipeline_on_s3_gives_the_same_versions_and_files(local_run, mirror, s3_endpoint):
+    lake_url, _ = local_run
+    s3 = f"s3://{make_bucket(s3_endpoint)}/lake"
+    r = run_pipeline(s3, mirror)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert versions_and_hashes(Lake(s3)) == versions_and_hashes(Lake(lake_url))
+
+
+def test_invalid_pipeline_parameters(tmp_path, mirror):
+    for args, message in [(["--from", "shard", "--to", "filter"], "comes after"),
+                          (["--set", "pretrain.max_steps=0"], "invalid pretrain.max-steps"),
+                          (["--set", "nosuchstage.x=1"], "invalid --set 'nosuchstage'"),
+                          (["--set", "pretrain.rdzv_endpoint=nohostport"], "invalid rdzv endpoint")]:
+        r = run_pipeline(str(tmp_path / "lake"), mirror, *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "lake").exists()
+
+
+# --------------------------------------------------------------------------- Prefect server, UI
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_port(port, proc, timeout=120)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            h = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/api/health"], capture_output=True)
+            if h.returncode == 0:
+                break
+            time.sleep(0.5)
+        yield {"url": f"http://127.0.0.1:{port}", "env": env}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def prefect(server, *args, timeout=300):
+    return subprocess.run([str(BIN / "prefect"), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=server["env"], timeout=timeout)
+
+
+def test_prefect_deploy_all_creates_every_deployment_and_the_schedule(prefect_server):
+    for pool in ("crawl2model-process", "crawl2model-gpu"):
+        r = prefect(prefect_server, "work-pool", "create", pool, "--type", "process")
+        assert r.returncode == 0, r.stderr
+    r = prefect(prefect_server, "--no-prompt", "deploy", "--all")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = prefect(prefect_server, "deployment", "ls")
+    for name in ["pipeline/weekly", "download/download", "filter/filter", "dedup/dedup", "tokenizer/tokenizer",
+                 "shard/shard", "pretrain/pretrain", "ingest/ingest"]:
+        assert name in r.stdout.replace(" ", ""), (name, r.stdout)
+    r = prefect(prefect_server, "deployment", "inspect", "pipeline/weekly")
+    assert "0 3 * * 1" in r.stdout and "crawl2model-gpu" in r.stdout
+    r = prefect(prefect_server, "deployment", "inspect", "pretrain/pretrain")
+    assert "crawl2model-gpu" in r.stdout
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is installed by `make test`")
+def test_ui_shows_the_flow_run_artifacts(prefect_server, shared_data, tmp_path):
+    lake = str(tmp_path / "lake")
+    files = [str(shared_data / "warc" / "wget-sample-0000.warc.gz")]
+    r = subprocess.run([str(BIN / "crawl2model"), "--lake", lake, "stage", "download", "--files", *files],
+                       capture_output=True, text=True, env=prefect_server["env"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = Lake(lake).resolve("download")
+    page = f"{prefect_server['url']}/runs/flow-run/{m.flow_run_id}?tab=Artifacts"
+    shot = tmp_path / "flow-run.png"
+    common = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,1000", "--virtual-time-budget=15000"]
+    dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    subprocess.run([*common, f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    assert "download-version" in dom.stdout, dom.stdout[-2000:]
