@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench server clean
+.PHONY: install system-deps demo test bench server clean
 
 install: $(STAMP)
 
@@ -21,7 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/crawl2model demo
 
-test: $(STAMP)
+# Debian packages the tests use: chromium (the Prefect UI test), curl, iproute2 (unshare -n, ip).
+system-deps:
+	@missing=""; for c in chromium curl ip unshare; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium curl iproute2 util-linux >/dev/null; \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -170,7 +170,14 @@ def test_ui_shows_the_flow_run_artifacts(prefect_server, shared_data, tmp_path):
                        capture_output=True, text=True, env=prefect_server["env"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = Lake(lake).resolve("download")
-    page = f"{prefect_server['url']}/runs/flow-run/{m.flow_run_id}?tab=Artifacts"
+    page = f"{prefect_server['url']}/runs/flow-run/{m.flow_run_id}"
+    found = subprocess.run(["curl", "-sf", "-X", "POST", f"{prefect_server['url']}/api/artifacts/filter",
+                            "-H", "Content-Type: application/json",
+                            "-d", json.dumps({"artifacts": {"key": {"any_": ["download-version"]}}})],
+                           capture_output=True, text=True, timeout=30)
+    ids = [a["id"] for a in json.loads(found.stdout) if a["flow_run_id"] == m.flow_run_id]
+    assert ids, found.stdout
+    artifact = f"{prefect_server['url']}/artifacts/artifact/{ids[0]}"
     shot = tmp_path / "flow-run.png"
     common = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -178,4 +185,8 @@ def test_ui_shows_the_flow_run_artifacts(prefect_server, shared_data, tmp_path):
     dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=120)
     subprocess.run([*common, f"--screenshot={shot}", page], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
-    assert "download-version" in dom.stdout, dom.stdout[-2000:]
+    assert f"{m.ref}: committed 1 file(s)" in dom.stdout, dom.stdout[-2000:]  # the run's logs
+    # the stage's artifact: its version, lineage and metrics rendered from markdown
+    art = subprocess.run([*common, "--dump-dom", artifact], capture_output=True, text=True, timeout=120)
+    subprocess.run([*common, f"--screenshot={tmp_path / 'artifact.png'}", artifact], capture_output=True, timeout=120)
+    assert m.ref in art.stdout and "Lineage" in art.stdout and "records_by_type" in art.stdout, art.stdout[-2000:]
