@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from tasks.lake import Lake, Manifest, Production
 from tasks.stage import StageParams, Strict, run_stage
 
-CODE_VERSION = "filter/1"
+CODE_VERSION = "filter/2"
 
 
 class GopherRepetition(Strict):
@@ -179,8 +179,7 @@ def funnel_rows(funnel: list[dict]) -> list[dict]:
     for prev, cur in zip(funnel, funnel[1:]):
         rows.append({"step": cur["point"], "docs_in": prev["documents"], "docs_out": cur["documents"],
                      "bytes_in": prev["bytes"], "bytes_out": cur["bytes"],
-                     "removed": prev["documents"] - cur["documents"] if cur["point"] != "extracted"
-                     else prev["documents"] - cur["documents"]})
+                     "removed": prev["documents"] - cur["documents"]})
     return rows
 
 

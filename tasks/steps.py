@@ -76,7 +76,7 @@ class WarcHtmlReader(BaseDiskReader):
         from warcio.exceptions import ArchiveLoadFailed
 
         with self.data_folder.open(filepath, "rb") as f:
-            it = iter(ArchiveIterator(f))
+            it = iter(ArchiveIterator(f, arc2warc=True))  # old ARC files read as WARC
             i = 0
             while True:
                 try:
@@ -286,18 +286,30 @@ class CompactURLFilter(URLFilter):
         return i < len(self._domains) and self._domains[i] == h
 
     def filter(self, document: Document) -> bool | tuple[bool, str]:
+        """The stock filter's checks, with the domain lookups against the compact array (and
+        any extra domains given), one tldextract call per document."""
+        from datatrove.pipeline.filters.url_filter import normalize, normalizer
+
         self.download_data()
         url = document.metadata.get("url") or ""
+        if not url:
+            self.stat_update("no_url")
+            return True  # nothing to judge (e.g. a resource record without a target URI)
         info = self.tldextractor(url)
-        if self._blocked(info.registered_domain):
+        if self._blocked(info.registered_domain) or info.registered_domain in self.block_listed_domains:
             return False, "domain"
-        if self._blocked(info.fqdn):
+        if self._blocked(info.fqdn) or info.fqdn in self.block_listed_domains:
             return False, "subdomain"
-        saved, self.block_listed_domains = self.block_listed_domains, set()
-        try:  # the word and url checks of the stock filter, with our domain check done above
-            return super().filter(document)
-        finally:
-            self.block_listed_domains = saved
+        if url in self.block_listed_url:
+            return False, "url"
+        url_words = set(normalizer.split(url))
+        if any(word in url_words for word in self.banned_words):
+            return False, "hard_blacklisted"
+        if sum(word in url_words for word in self.soft_banned_words) >= self.soft_word_threshold:
+            return False, "soft_blacklisted"
+        if self.banned_subwords and next(self.banned_subwords_automaton.iter(normalize(url)), False):
+            return False, "blacklisted_subword"
+        return True
 
 
 # --------------------------------------------------------------------------- accounting
