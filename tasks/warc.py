@@ -44,21 +44,45 @@ class _Hashing:
         return data
 
 
+HEADER_LIMIT = 64 << 10  # a WARC (or ARC) header block must end within this many bytes
+
+
+def _check_head(head: bytes, member: int, name: str) -> None:
+    """The start of a gzip member must be a WARC/ARC header that ends in reasonable space:
+    warcio reads header lines without a bound, so a member of 1 GB of zeros (a gzip bomb)
+    would otherwise be read into memory whole."""
+    if not head:
+        return
+    if not (head.startswith(b"WARC/") or head[:1].isalnum()):
+        raise WarcError(f"{name}: gzip member {member} does not start with a WARC header")
+    if head.startswith(b"WARC/") and b"\r\n\r\n" not in head and b"\n\n" not in head:
+        raise WarcError(f"{name}: gzip member {member} has no end of WARC header in its first "
+                        f"{HEADER_LIMIT // 1024} KiB")
+
+
 def _check_gzip(f: BinaryIO, name: str) -> int:
-    """Walk every gzip member to its end (zlib checks each CRC and length trailer).
-    Bounded memory whatever the member sizes: output is discarded in 1 MiB steps."""
-    members, d, in_member = 0, zlib.decompressobj(31), False
+    """Walk every gzip member to its end (zlib checks each CRC and length trailer), checking
+    that each starts with a sane WARC header. Bounded memory whatever the member sizes:
+    output is discarded in 1 MiB steps."""
+    members, d, in_member, head, checked = 0, zlib.decompressobj(31), False, b"", False
     while chunk := f.read(1 << 20):
         while chunk:
             try:
-                d.decompress(chunk, 1 << 20)
+                out = d.decompress(chunk, 1 << 20)
             except zlib.error as e:
                 raise WarcError(f"{name}: corrupt gzip data in member {members + 1}: {e}") from None
+            if not checked:
+                head += out[:HEADER_LIMIT - len(head)]
+                if len(head) >= HEADER_LIMIT:
+                    _check_head(head, members + 1, name)
+                    checked = True
             in_member = True
             chunk = d.unconsumed_tail
             if d.eof:
                 members += 1
-                chunk, d, in_member = d.unused_data, zlib.decompressobj(31), False
+                if not checked:
+                    _check_head(head, members, name)
+                chunk, d, in_member, head, checked = d.unused_data, zlib.decompressobj(31), False, b"", False
                 if chunk and not chunk.startswith(GZIP_MAGIC[: len(chunk)]):
                     raise WarcError(f"{name}: garbage after gzip member {members}")
     if in_member:
@@ -87,6 +111,10 @@ def verify_warc(open_file, name: str) -> WarcStats:
         try:
             it = ArchiveIterator(raw, no_record_parse=True, check_digests=False)
             for rec in it:
+                raw_length = rec.rec_headers.get_header("Content-Length") if rec.format != "arc" else "0"
+                if raw_length is None or not raw_length.strip().isdigit():
+                    raise WarcError(f"{name}: record {stats.records + 1} has an invalid Content-Length "
+                                    f"{raw_length!r}")
                 declared = rec.length
                 got = 0
                 while chunk := rec.raw_stream.read(1 << 20):
