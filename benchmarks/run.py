@@ -1,9 +1,18 @@
-"""`make bench`: every benchmark, one after the other, rows appended to RESULTS.md."""
+"""`make bench`: every benchmark, one after the other, rows appended to RESULTS.md.
+`python -m benchmarks.run NAME…` runs those whose module name contains NAME."""
 
 import importlib
 import sys
 
-BENCHMARKS = ["benchmarks.bench_lake", "benchmarks.bench_download"]
+BENCHMARKS = [
+    "benchmarks.bench_lake",        # lake commit vs plain fsspec write
+    "benchmarks.bench_download",    # download vs curl, verification cost
+    "benchmarks.bench_extraction",  # extraction F1 on 181 gold pages, per extractor
+    "benchmarks.bench_filter",      # filter CPU-s / 1,000 records and peak RSS vs datatrove's stock FineWeb
+    "benchmarks.bench_tokens",      # sentencepiece vs HF tokenizers, encode vs tiktoken, loader vs nanoGPT
+    "benchmarks.bench_train",       # trainer tokens/s vs a minimal nanoGPT loop
+    "benchmarks.bench_prefect",     # the demo pipeline through Prefect vs direct calls
+]
 
 if __name__ == "__main__":
     only = sys.argv[1:]
