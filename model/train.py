@@ -655,7 +655,9 @@ def write_final(a, d, s, raw, history, step, tokens_seen, wall_s) -> None:
                "flops_per_token": raw.flops_per_token(s["T"]), "final_loss": last.get("loss"),
                "final_val_loss": evals[-1]["val_loss"] if evals else None,
                "final_val_bpb": evals[-1].get("val_bpb") if evals else None,
-               "wall_s_this_session": wall_s, "history": history}
+               "history": history}
+    # Only deterministic numbers go into the file (same run, same bytes, wherever it ran);
+    # timings are on stdout, where the launcher collects them.
     write_bytes(fs, f"{root}/metrics.json", json.dumps(metrics, indent=1).encode())
     note(d, f"done: {root}/final")
 

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 from tasks.lake import Lake, Manifest, Production
 from tasks.stage import StageParams, run_stage
 
-CODE_VERSION = "pretrain/1"
+CODE_VERSION = "pretrain/2"
 DEFAULT_PROMPTS = ["The ", "In the beginning", "Python is"]
 
 
@@ -135,7 +135,10 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """torchrun starts its workers in sessions of their own: kill them by parent pid first,
+    then torchrun's whole group."""
     if proc.poll() is None:
+        subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], capture_output=True)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -242,11 +245,13 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         prod.write_bytes("loss.png", png)
         last = [h for h in history if "loss" in h][-1]
         vals = [h for h in history if h.get("val_loss") is not None]
+        speeds = sorted(h["tokens_per_s"] for h in progress.history if h.get("tokens_per_s"))
         prod.metrics.update({"steps": last["step"], "final_loss": round(last["loss"], 4),
                              "val_loss": round(vals[-1]["val_loss"], 4) if vals else None,
                              "val_bpb": round(vals[-1]["val_bpb"], 4) if vals and vals[-1].get("val_bpb") else None,
-                             "tokens_per_s": last.get("tokens_per_s"), "tokenizer": tokenizer_ref})
-        publish(prod.ref, png, history)
+                             "tokens_per_s_median": round(speeds[len(speeds) // 2]) if speeds else None,
+                             "tokenizer": tokenizer_ref})
+        publish(prod.ref, png, progress.history)
 
     return run_stage(lake, "pretrain", params.recipe(), [source.ref, tokenizer_ref], CODE_VERSION, build, rebuild=params.rebuild)
 
@@ -263,6 +268,7 @@ def publish(ref: str, png: bytes, history: list[dict]) -> None:
     create_markdown_artifact(key="pretrain-loss", markdown=f"# Loss curve of `{ref}`\n\n"
                              f"![loss curve](data:image/png;base64,{img})",
                              description=f"{ref}: training and validation loss")
+    steps = [h for h in history if "loss" in h]
     rows = [{k: h.get(k) for k in ("step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")}
-            for h in history if h.get("val_loss") is not None or h is history[-1]]
+            for h in steps if h.get("val_loss") is not None or h is steps[-1]]
     create_table_artifact(key="pretrain-metrics", table=rows, description=f"{ref}: metrics at each evaluation")
