@@ -18,7 +18,7 @@ from typing import Callable
 from pydantic import Field
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, in_prefect_run, run_stage
 
 CODE_VERSION = "dedup/1"
 
@@ -220,13 +220,10 @@ def summarise(lake: Lake, prod: Production, funnel: list[dict]) -> dict:
 
 
 def publish(metrics: dict, ref: str) -> None:
-    try:
-        from prefect.artifacts import create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
+    if not in_prefect_run():
         return
+    from prefect.artifacts import create_table_artifact
+
     rows = [{"step": "input", "documents": metrics["input_documents"]},
             {"step": "exact dedup", "documents": metrics["input_documents"] - metrics["exact_removed"]},
             {"step": "minhash dedup", "documents": metrics["documents"]}]

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 from pydantic import Field, field_validator
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, Strict, run_stage
+from tasks.stage import StageParams, Strict, in_prefect_run, run_stage
 
 CODE_VERSION = "filter/2"
 
@@ -191,11 +191,37 @@ def funnel_markdown(funnel: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder) -> None:
+def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str = "datatrove") -> None:
+    """Run a datatrove pipeline on the local executor (completion markers in `logs_folder`, so a
+    rerun skips finished tasks), showing finished tasks as a progress bar and artifact."""
+    import threading
+
     from datatrove.executor import LocalPipelineExecutor
 
-    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                          logging_dir=logs_folder, skip_completed=True).run()
+    from tasks.progress import Progress
+
+    executor = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+                                     logging_dir=logs_folder, skip_completed=True)
+    stop = threading.Event()
+    with Progress(title, files=tasks, unit="tasks") as progress:
+        def poll() -> None:
+            seen = 0
+            while not stop.wait(1.0):
+                try:
+                    done = len(logs_folder.list_files("completions"))
+                except Exception:
+                    continue
+                if done > seen:
+                    progress.advance_files(done - seen)
+                    seen = done
+
+        watcher = threading.Thread(target=poll, name="datatrove-progress", daemon=True)
+        watcher.start()
+        try:
+            executor.run()
+        finally:
+            stop.set()
+            watcher.join()
 
 
 def warc_paths(m: Manifest) -> list[str]:
@@ -223,7 +249,7 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
             pipeline = build_pipeline(params, DataFolder(lake.path(source.kind, source.version), fs=lake.fs),
                                       paths_file, folder("data"), folder("removed"),
                                       source.params.get("crawl", "") or "")
-            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"))
+            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), f"filter {prod.ref}")
         funnel, counters = read_stats(folder("_work/logs"))
         prod.metrics.update({"funnel": funnel_rows(funnel), "documents": funnel[-1]["documents"],
                              "bytes": funnel[-1]["bytes"], "reader": counters.get("🕷 WARC html", {}),
@@ -239,12 +265,9 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
 
 
 def publish_funnel(funnel: list[dict], ref: str) -> None:
-    try:
-        from prefect.artifacts import create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
+    if not in_prefect_run():
         return
+    from prefect.artifacts import create_table_artifact
+
     create_table_artifact(key="filter-funnel", table=funnel_rows(funnel),
                           description=f"filter funnel of {ref}: documents and bytes in/out per step")

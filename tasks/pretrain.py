@@ -25,7 +25,7 @@ from typing import Callable, Literal
 from pydantic import Field, field_validator
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, in_prefect_run, run_stage
 
 CODE_VERSION = "pretrain/2"
 DEFAULT_PROMPTS = ["The ", "In the beginning", "Python is"]
@@ -257,13 +257,10 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
 
 
 def publish(ref: str, png: bytes, history: list[dict]) -> None:
-    try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
+    if not in_prefect_run():
         return
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     img = base64.b64encode(png).decode()
     create_markdown_artifact(key="pretrain-loss", markdown=f"# Loss curve of `{ref}`\n\n"
                              f"![loss curve](data:image/png;base64,{img})",

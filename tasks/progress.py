@@ -14,7 +14,7 @@ from rich.progress import Progress as RichProgress
 
 
 class Progress:
-    def __init__(self, title: str, files: int, every: float = 1.0):
+    def __init__(self, title: str, files: int, every: float = 1.0, unit: str = "files"):
         self.title, self.files_total, self.every = title, max(files, 0), every
         self.files = self.bytes = 0
         self._lock = threading.Lock()
@@ -22,7 +22,7 @@ class Progress:
         self._artifact_id = None
         self._bar = RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("files"), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+            TextColumn(unit), *([DownloadColumn(binary_units=True), TransferSpeedColumn()] if unit == "files" else []),
             TimeElapsedColumn(), console=Console(file=sys.stderr),
             disable=not sys.stderr.isatty())
         self._task = self._bar.add_task(title, total=self.files_total or None)
@@ -54,7 +54,7 @@ class Progress:
         if not force and now - self._last < self.every / 10:
             return
         self._bar.update(self._task, completed=self.files,
-                         description=f"{self.title} {self.bytes / 2**20:.1f} MiB")
+                         description=f"{self.title} {self.bytes / 2**20:.1f} MiB" if self.bytes else self.title)
         if self._artifact_id is not None and (force or now - self._last >= self.every):
             try:
                 from prefect.artifacts import update_progress_artifact

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, in_prefect_run, run_stage
 from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, iter_documents, load, tokenizer_path
 
 CODE_VERSION = "shard/1"
@@ -144,12 +144,9 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
 
 
 def publish(splits: dict, ref: str) -> None:
-    try:
-        from prefect.artifacts import create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
+    if not in_prefect_run():
         return
+    from prefect.artifacts import create_table_artifact
+
     rows = [{"split": s, **c} for s in splits for c in splits[s]["shards"]]
     create_table_artifact(key="shard-counts", table=rows, description=f"{ref}: documents and tokens per shard")

@@ -56,15 +56,23 @@ def lineage_markdown(lake: Lake, m: Manifest) -> str:
     return "\n".join(lines)
 
 
-def publish(lake: Lake, m: Manifest, cached: bool) -> None:
-    """A markdown artifact per stage run: its version, lineage, parameters and metrics."""
+def in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run: only then are there artifacts to publish."""
     try:
-        from prefect.artifacts import create_markdown_artifact
         from prefect.context import get_run_context
 
         get_run_context()
+        return True
     except Exception:
-        return  # not inside a Prefect run: nothing to publish to
+        return False
+
+
+def publish(lake: Lake, m: Manifest, cached: bool) -> None:
+    """A markdown artifact per stage run: its version, lineage, parameters and metrics."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
     create_markdown_artifact(
         key=f"{m.kind}-version",
         markdown=lineage_markdown(lake, m) + ("\n\n_cache hit: already built_" if cached else ""),

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from pydantic import Field
 
 from tasks.lake import Lake, LakeError, Manifest, Production
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, in_prefect_run, run_stage
 
 CODE_VERSION = "tokenizer/2"
 SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -234,13 +234,10 @@ def render_terminal(sp, text: str):
 
 
 def publish(report: dict, ref: str) -> None:
-    try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
+    if not in_prefect_run():
         return
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     rows = [{"metric": "bytes per token (held out)", "ours": report["bytes_per_token"],
              "cl100k (GPT-4)": report["cl100k_bytes_per_token"]},
             {"metric": "vocabulary size", "ours": report["vocab_size"], "cl100k (GPT-4)": report["cl100k_vocab_size"]},
