@@ -38,7 +38,6 @@ bench: $(STAMP)
 
 # A Prefect server on http://127.0.0.1:4200 and every deployment served from this machine.
 server: $(STAMP)
-	$(VENV)/bin/prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api >/dev/null
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 & \
 	  server=$$!; trap "kill $$server" EXIT; \
 	  until curl -sf http://127.0.0.1:4200/api/health >/dev/null; do sleep 1; done; \
