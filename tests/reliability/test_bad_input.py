@@ -18,7 +18,8 @@ from warcio.warcwriter import WARCWriter
 
 from tests.conftest import ROOT
 
-MEMORY_BOUND_MB = 600  # peak RSS of a download or filter run on any of these inputs
+DOWNLOAD_BOUND_MB = 600   # peak RSS of a download run on any of these inputs
+FILTER_BOUND_MB = 1024    # peak RSS of a filter run (spaCy, lxml and trafilatura: ~0.65 GiB on any page)
 
 
 def run_isolated(code: str, tmp_path: Path) -> tuple[int, str, float]:
@@ -65,7 +66,7 @@ def test_garbage_is_refused_by_download_with_bounded_memory(name, tmp_path):
             f"download(Lake('lake'), DownloadParams(files=[{str(path)!r}]))")
     rc, err, rss = run_isolated(code, tmp_path)
     assert rc == 1 and f"error: {path}" in err, err[-2000:]
-    assert rss < MEMORY_BOUND_MB, f"peak RSS {rss:.0f} MB"
+    assert rss < DOWNLOAD_BOUND_MB, f"peak RSS {rss:.0f} MB"
     assert not (tmp_path / "lake" / "download").exists() or not any(
         (tmp_path / "lake" / "download").glob("*/_MANIFEST.json"))
 
@@ -102,7 +103,8 @@ def test_hostile_pages_are_skipped_and_counted_with_bounded_memory(tmp_path):
             f"import json\nprint(json.dumps(lake.resolve('download').metrics['records_by_type']))")
     rc, err, rss = run_isolated(code, tmp_path)
     assert rc == 0, err[-3000:]
-    assert rss < MEMORY_BOUND_MB, f"peak RSS {rss:.0f} MB"
+    print(f"filter peak RSS on hostile pages: {rss:.0f} MB")
+    assert rss < FILTER_BOUND_MB, f"peak RSS {rss:.0f} MB"
     logs = next((tmp_path / "lake" / "filter").glob("*/_work/logs/stats/00000.json"), None) or \
         next((tmp_path / "lake" / "filter").glob("*/stats.json"))
     stats = json.loads(logs.read_text())
