@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tasks.lake import Lake, Manifest, Production
 from tasks.progress import Progress
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, cache_dir, run_stage
 from tasks.warc import WarcError, copy_first_records, verify_warc
 
 CODE_VERSION = "download/1"
@@ -333,8 +333,7 @@ def _staging_dir(lake: Lake, prod: Production) -> str:
     if lake.is_local:
         d = prod.path("_work/download")
     else:
-        root = os.environ.get("CRAWL2MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "crawl2model-cache")
-        d = os.path.join(root, "download", prod.version)
+        return cache_dir("download", prod.version)
     os.makedirs(d, exist_ok=True)
     return d
 

@@ -4,6 +4,7 @@ tell Prefect about it, and hand back a ref. Stages call `run_stage` with a build
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Callable
 
@@ -54,6 +55,18 @@ def lineage_markdown(lake: Lake, m: Manifest) -> str:
         lines += [f"| {k} | {json.dumps(v) if not isinstance(v, (int, float, str)) else v} |"
                   for k, v in m.metrics.items()]
     return "\n".join(lines)
+
+
+def cache_dir(*parts: str) -> str:
+    """A folder of this machine's local cache ($CRAWL2MODEL_CACHE, default under $TMPDIR):
+    things worth keeping between runs that are not artifacts (the URL blocklist array, partial
+    downloads for an S3 lake, local copies of tokenizers). Created on first use."""
+    import tempfile
+
+    root = os.environ.get("CRAWL2MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "crawl2model-cache")
+    path = os.path.join(root, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def in_prefect_run() -> bool:

@@ -18,7 +18,6 @@ import hashlib
 import os
 import re
 import tarfile
-import tempfile
 import zlib
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
@@ -220,18 +219,14 @@ def _domain_hash(domain: str) -> int:
     return int.from_bytes(hashlib.blake2b(domain.encode(), digest_size=8).digest(), "little")
 
 
-def _cache_dir() -> str:
-    d = os.environ.get("CRAWL2MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "crawl2model-cache")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 def compact_blocklist() -> np.ndarray:
     """datatrove's domain blocklist as a sorted uint64 array of hashes, built once from the
     archive inside the datatrove wheel and cached (no network, no 123 MB extraction)."""
     from datatrove.utils._import_utils import ASSETS_PATH
 
-    path = os.path.join(_cache_dir(), "url-blocklist-v0_3_0.u64.npy")
+    from tasks.stage import cache_dir
+
+    path = os.path.join(cache_dir(), "url-blocklist-v0_3_0.u64.npy")
     if os.path.exists(path):
         return np.load(path, mmap_mode="r")
     with tarfile.open(os.path.join(ASSETS_PATH, "url_filterblacklistsv0_3_0.tar.gz"), "r:gz") as tar:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from pydantic import Field
 
 from tasks.lake import Lake, LakeError, Manifest, Production
-from tasks.stage import StageParams, in_prefect_run, run_stage
+from tasks.stage import StageParams, cache_dir, in_prefect_run, run_stage
 
 CODE_VERSION = "tokenizer/2"
 SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -258,10 +258,7 @@ def tokenizer_path(lake: Lake, ref: str) -> str:
     from tasks.ingest import sha256_file
 
     want = next(f["sha256"] for f in m.files if f["path"] == "tokenizer.model")
-    cache = os.path.join(os.environ.get("CRAWL2MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "crawl2model-cache"),
-                         "tokenizer", want)  # keyed by content: a cached copy is the right bytes
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, "tokenizer.model")
+    path = os.path.join(cache_dir("tokenizer", want), "tokenizer.model")  # keyed by content
     if not os.path.exists(path) or sha256_file(path) != want:
         tmp = f"{path}.{os.getpid()}.tmp"
         with lake.open(m, "tokenizer.model") as src, open(tmp, "wb") as dst:
