@@ -183,12 +183,18 @@ def _run_flow(fn, *args, **kwargs) -> str:
         raise RunFailed(str(e)) from None
 
 
+def _print_summary(m) -> None:
+    from flows.pipeline import key_numbers
+
+    out.print(f"{m.ref}: {key_numbers(m.kind, m.metrics)}")
+
+
 def _input(lake: Lake, ref: str | None, default_kind: str) -> str:
     """A stage's input ref, resolved before any work (unknown refs fail fast, exit 2)."""
     return lake.resolve(ref or default_kind).ref
 
 
-def _override(model, spec: list[str] | None) -> dict:
+def _override(spec: list[str] | None) -> dict:
     """--set gopher_quality.min_doc_words=30 style overrides of nested parameters."""
     out: dict = {}
     for item in spec or []:
@@ -209,15 +215,15 @@ def _override(model, spec: list[str] | None) -> dict:
 
 def cmd_stage_filter(lake: Lake, args) -> int:
     from flows.filter import filter as filter_flow
-    from tasks.filter import FilterParams, funnel_markdown
+    from tasks.filter import FilterParams
 
     values = {"input": _input(lake, args.input, "download"), "extractor": args.extractor,
               "languages": args.languages.split(",") if args.languages else None,
               "language_threshold": args.language_threshold, "tasks": args.tasks, "workers": args.workers,
-              **_override(FilterParams, args.set)}
+              **_override(args.set)}
     params = _params(FilterParams, **values)
     m = lake.resolve(_run_flow(filter_flow, params, lake_url=lake.url))
-    out.print(f"{m.ref}: {m.metrics['documents']} documents, {human_bytes(m.metrics['bytes'])}")
+    _print_summary(m)
     funnel = Table(title="filter funnel")
     for col in ("step", "docs in", "docs out", "bytes in", "bytes out"):
         funnel.add_column(col, justify="left" if col == "step" else "right")
@@ -233,12 +239,10 @@ def cmd_stage_dedup(lake: Lake, args) -> int:
     from tasks.dedup import DedupParams
 
     values = {"input": _input(lake, args.input, "filter"), "tasks": args.tasks, "workers": args.workers,
-              **_override(DedupParams, args.set)}
+              **_override(args.set)}
     params = _params(DedupParams, **values)
     m = lake.resolve(_run_flow(dedup_flow, params, lake_url=lake.url))
-    x = m.metrics
-    out.print(f"{m.ref}: {x['input_documents']} -> {x['documents']} documents "
-              f"({x['exact_removed']} exact duplicates, {x['minhash_removed']} near duplicates removed)")
+    _print_summary(m)
     return 0
 
 
@@ -253,9 +257,7 @@ def cmd_stage_download(lake: Lake, args) -> int:
                      urls=args.urls, files=args.files, concurrency=args.concurrency,
                      retries=args.retries, timeout=args.timeout)
     ref = _run_flow(download, params, lake_url=lake.url)
-    m = lake.resolve(ref)
-    out.print(f"{m.ref}: {m.metrics.get('files')} file(s), {human_bytes(m.metrics.get('bytes', 0))}, "
-              f"{m.metrics.get('records')} records {m.metrics.get('records_by_type')}")
+    _print_summary(lake.resolve(ref))
     return 0
 
 
@@ -265,12 +267,10 @@ def cmd_stage_tokenizer(lake: Lake, args) -> int:
 
     values = {"input": _input(lake, args.input, "dedup"),
               "extra": [lake.resolve(r).ref for r in (args.extra or [])] or None,
-              "vocab_size": args.vocab_size, "sample_bytes": args.sample_bytes, **_override(TokenizerParams, args.set)}
+              "vocab_size": args.vocab_size, "sample_bytes": args.sample_bytes, **_override(args.set)}
     params = _params(TokenizerParams, **values)
     m = lake.resolve(_run_flow(tokenizer_flow, params, lake_url=lake.url))
-    x = m.metrics
-    out.print(f"{m.ref}: vocabulary {x['vocab_size']:,}; {x['bytes_per_token']:.2f} bytes/token on held-out "
-              f"text (GPT-4 cl100k: {x['cl100k_bytes_per_token']:.2f}); round trip {x['roundtrip_exact']:.0%}")
+    _print_summary(m)
     return 0
 
 
@@ -279,12 +279,10 @@ def cmd_stage_shard(lake: Lake, args) -> int:
     from tasks.shard import ShardParams
 
     values = {"input": _input(lake, args.input, "dedup"), "tokenizer": _input(lake, args.tokenizer, "tokenizer"),
-              "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens, **_override(ShardParams, args.set)}
+              "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens, **_override(args.set)}
     params = _params(ShardParams, **values)
     m = lake.resolve(_run_flow(shard_flow, params, lake_url=lake.url))
-    x = m.metrics
-    out.print(f"{m.ref}: {x['train_tokens']:,} train tokens ({x['train_documents']} documents), "
-              f"{x['val_tokens']:,} val tokens ({x['val_documents']} documents), {x['dtype']}")
+    _print_summary(m)
     return 0
 
 
@@ -294,12 +292,10 @@ def cmd_stage_pretrain(lake: Lake, args) -> int:
 
     values = {"input": _input(lake, args.input, "shard"), "preset": args.preset, "max_steps": args.max_steps,
               "nproc_per_node": args.nproc_per_node, "nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint,
-              "compile": args.compile or None, **_override(PretrainParams, args.set)}
+              "compile": args.compile or None, **_override(args.set)}
     params = _params(PretrainParams, **values)
     m = lake.resolve(_run_flow(pretrain_flow, params, lake_url=lake.url))
-    x = m.metrics
-    out.print(f"{m.ref}: {x['steps']} steps, final loss {x['final_loss']}, val loss {x.get('val_loss')}, "
-              f"val bits/byte {x.get('val_bpb')}")
+    _print_summary(m)
     return 0
 
 
@@ -331,7 +327,7 @@ def cmd_demo(lake: Lake, args) -> int:
 
 
 def cmd_run(lake: Lake, args) -> int:
-    from flows.pipeline import STAGES, PipelineParams, pipeline, summary_rows
+    from flows.pipeline import STAGES, PipelineParams, pipeline, summary_rows, summary_table
     from tasks.lake import now_iso
     from tasks.presets import preset
 
@@ -341,19 +337,14 @@ def cmd_run(lake: Lake, args) -> int:
         raise UsageError(str(e)) from None
     values = {**{k: v.model_dump() for k, v in base.items()}, "from_stage": args.from_stage or STAGES[0],
               "to_stage": args.to_stage or STAGES[-1], "rebuild": args.rebuild or []}
-    for stage, fields in _override(PipelineParams, args.set).items():
+    for stage, fields in _override(args.set).items():
         if stage not in STAGES or not isinstance(fields, dict):
             raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
         values[stage] = {**values[stage], **fields}
     params = _params(PipelineParams, **values)
     started = now_iso()
     refs = _run_flow(pipeline, params, lake_url=lake.url)
-    table = Table(title="pipeline")
-    for col in ("stage", "version", "built", "numbers"):
-        table.add_column(col)
-    for row in summary_rows(lake, refs, {}, started):
-        table.add_row(row["stage"], row["version"], "cache hit" if row["cache hit"] else "built now", row["numbers"])
-    out.print(table)
+    out.print(summary_table("pipeline", summary_rows(lake, refs, {}, started)))
     return 0
 
 

@@ -8,9 +8,8 @@ import os
 import time
 
 from rich.console import Console
-from rich.table import Table
 
-from flows.pipeline import PipelineParams, pipeline, summary_rows
+from flows.pipeline import PipelineParams, pipeline, summary_rows, summary_table
 from tasks.lake import Lake, now_iso
 from tasks.mirror import build_mirror
 from tasks.presets import preset
@@ -28,13 +27,8 @@ def demo(lake_url: str, mirror_dir: str = "demo-mirror") -> None:
     t0 = time.time()
     refs = pipeline(params, lake_url=lake_url)
     lake = Lake(lake_url)
-    table = Table(title=f"crawl2model demo: lake {lake_url}, {time.time() - t0:.0f}s "
-                        "(the demo mirror stands in for Common Crawl)")
-    for col in ("stage", "version", "built", "numbers"):
-        table.add_column(col)
-    for row in summary_rows(lake, refs, {}, started):
-        table.add_row(row["stage"], row["version"], "cache hit" if row["cache hit"] else "built now", row["numbers"])
-    console.print(table)
+    console.print(summary_table(f"crawl2model demo: lake {lake_url}, {time.time() - t0:.0f}s "
+                                "(the demo mirror stands in for Common Crawl)", summary_rows(lake, refs, {}, started)))
     from model.sample import generate_text
 
     final = lake.file_uri(lake.resolve(refs["pretrain"]), "final")

@@ -100,6 +100,18 @@ def summary_rows(lake: Lake, refs: dict[str, str], timings: dict[str, float], st
     return rows
 
 
+def summary_table(title: str, rows: list[dict]):
+    """The rows of `summary_rows` as a rich table for the terminal."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("stage", "version", "built", "numbers"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["stage"], row["version"], "cache hit" if row["cache hit"] else "built now", row["numbers"])
+    return table
+
+
 def key_numbers(kind: str, x: dict) -> str:
     if kind == "download":
         return f"{x['files']} WARC files, {x['records']} records ({x['records_by_type'].get('response', 0)} responses)"

@@ -632,10 +632,10 @@ def train(a: argparse.Namespace, d: Dist) -> None:
     if os.environ.get("C2M_PARAM_HASH"):  # tests: every rank reports a hash of its weights
         line = json.dumps({"rank": d.rank, "param_sha256": params_sha256(raw)}) + "\n"
         os.write(sys.stderr.fileno(), line.encode())  # one write: ranks' lines do not interleave
-    write_final(a, d, s, raw, history, step, tokens_seen, time.perf_counter() - t_start)
+    write_final(a, d, s, raw, history, step, tokens_seen)
 
 
-def write_final(a, d, s, raw, history, step, tokens_seen, wall_s) -> None:
+def write_final(a, d, s, raw, history, step, tokens_seen) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     model_sd = get_model_state_dict(raw, options=state_dict_options(cpu_offload=True))
     if not d.master:

@@ -14,8 +14,6 @@ import gzip
 import html
 import io
 import json
-import os
-import uuid
 import warnings
 from pathlib import Path
 

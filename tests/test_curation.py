@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from tasks.dedup import DedupParams, dedup_documents
 from tasks.download import DownloadParams, download
 from tasks.filter import FilterError, FilterParams, filter_documents
 from tasks.lake import Lake
-from tests.conftest import BIN, ROOT, run_cli
+from tests.conftest import BIN, run_cli
 
 NON_ENGLISH = ["http://044545.com/topic/20200207/015849.html",     # Chinese pages in the
                "http://0513mt.com/index.php/art/detail/id/8884.html"]  # CC-MAIN-2020-34 excerpt

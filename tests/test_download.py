@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from tasks.download import DownloadParams, download, select_spread
-from tasks.lake import Lake, LakeError
+from tasks.lake import Lake
 from tasks.warc import verify_warc
 from tests.ccserver import CCServer, make_cc_layout
-from tests.conftest import BIN, ROOT, free_port, make_bucket, run_cli, wait_port
+from tests.conftest import BIN, ROOT, make_bucket, run_cli
 
 
 def sha256(p: Path) -> str:

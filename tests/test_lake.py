@@ -12,11 +12,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tasks.lake import LATEST, Lake, LakeError, Ref, version_of
+from tasks.lake import Lake, LakeError, version_of
 from tests.conftest import ROOT, S3_KEY_ID, S3_SECRET, make_bucket, run_cli
 
 WRITER = [sys.executable, str(ROOT / "tests" / "lake_writer.py")]

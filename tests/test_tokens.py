@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from model.data import ShardLoader, read_meta, shard_files
+from model.data import ShardLoader, shard_files
 from tasks.dedup import DedupParams, dedup_documents
 from tasks.download import DownloadParams, download
 from tasks.filter import FilterParams, filter_documents
