@@ -169,6 +169,14 @@ def _params(model, **values):
         raise UsageError(f"invalid {where.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}")
 
 
+def _storage_errors() -> tuple[type[Exception], ...]:
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no S3 support installed
+        return ()
+    return (BotoCoreError,)
+
+
 def _run_flow(fn, *args, **kwargs) -> str:
     from tasks.dedup import DedupError
     from tasks.download import DownloadError
@@ -181,6 +189,12 @@ def _run_flow(fn, *args, **kwargs) -> str:
         return fn(*args, **kwargs)
     except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError) as e:
         raise RunFailed(str(e)) from None
+    except (OSError, *_storage_errors()) as e:
+        # Storage gave up after its retries (S3 5xx, resets, a full disk...). The traceback is
+        # in the run's log above; the last line says what failed, and nothing was committed.
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RunFailed(f"storage error in lake {kwargs.get('lake_url')}: {type(e).__name__}: {msg} "
+                        "(no partial version was committed; rerun the same command to resume)") from None
 
 
 def _print_summary(m) -> None:
@@ -328,7 +342,6 @@ def cmd_demo(lake: Lake, args) -> int:
 
 def cmd_run(lake: Lake, args) -> int:
     from flows.pipeline import STAGES, PipelineParams, pipeline, summary_rows, summary_table
-    from tasks.lake import now_iso
     from tasks.presets import preset
 
     try:
@@ -342,9 +355,8 @@ def cmd_run(lake: Lake, args) -> int:
             raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
         values[stage] = {**values[stage], **fields}
     params = _params(PipelineParams, **values)
-    started = now_iso()
     refs = _run_flow(pipeline, params, lake_url=lake.url)
-    out.print(summary_table("pipeline", summary_rows(lake, refs, {}, started)))
+    out.print(summary_table("pipeline", summary_rows(lake, refs, {})))
     return 0
 
 

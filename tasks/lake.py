@@ -548,7 +548,11 @@ class Production:
 
     def _create_lease(self, path: str, gen: int) -> bool:
         if not self.lake._create_exclusive(path, self._lease_body()):
-            return False
+            # On S3 a conditional PUT whose reply was lost is retried and then fails with 412
+            # although *our* first attempt created the file: the token tells.
+            mine = self.lake._read_json(path, "lease")
+            if not mine or mine.get("token") != self._token:
+                return False
         self._gen, self._lease_path = gen, path
         return True
 

@@ -3,6 +3,7 @@ session-scoped Prefect test server with its own PREFECT_HOME."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,6 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tasks.lake import Lake
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
@@ -106,9 +109,83 @@ def prefect_harness():
         yield
 
 
+def copy_version(src: Lake, dst: Lake, ref: str) -> str:
+    """Copy a version and its lineage into another lake; the same recipe gives the same version."""
+    m = src.resolve(ref)
+    inputs = [copy_version(src, dst, i) for i in m.inputs]
+    with dst.produce(m.kind, m.params, inputs, m.code_version) as p:
+        if not p.cached:
+            for f in m.files:
+                p.write_bytes(f["path"], src.open(m, f["path"]).read())
+            p.metrics.update(m.metrics)
+    assert p.version == m.version
+    return p.ref
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "crawl2model"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- the demo pipeline
+
+STAGES = ["download", "filter", "dedup", "tokenizer", "shard", "pretrain"]
+QUICK = ["--set", "pretrain.max_steps=20", "--set", "pretrain.eval_every=10", "--set", "pretrain.sample_every=0",
+         "--set", "pretrain.checkpoint_every=10"]
+
+
+@pytest.fixture(scope="session")
+def demo_mirror(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mirror") / "demo-mirror"
+    r = run_cli("demo-mirror", str(d))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None):
+    # `run --preset demo` reads the mirror from ./demo-mirror: run where it is
+    return subprocess.run([str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK, *extra],
+                          capture_output=True, text=True, timeout=900, cwd=cwd or mirror.parent,
+                          env={**os.environ, **(env or {})})
+
+
+def versions_and_hashes(lake: Lake) -> dict:
+    out = {}
+    for kind in STAGES:
+        m = lake.resolve(kind)
+        out[kind] = (m.version, {f["path"]: f["sha256"] for f in m.files})
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_local_run(demo_mirror, tmp_path_factory):
+    lake = str(tmp_path_factory.mktemp("pipe") / "lake")
+    r = run_pipeline(lake, demo_mirror)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return lake, r
+
+
+@pytest.fixture(scope="session")
+def fault_proxy(s3_endpoint):
+    """tests/s3faults.py's fault-injecting proxy in front of the session's moto_server, on
+    127.0.0.1; faults are off until a test turns them on (and off again: see `faults`)."""
+    from tests.s3faults import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint).start()
+    yield f"http://127.0.0.1:{proxy.port}"
+    proxy.stop()
+
+
+@contextlib.contextmanager
+def faults(proxy: str, **cfg):
+    """S3 faults on for the duration of a block; yields a function giving the fault counts."""
+    from tests.s3faults import KINDS, control
+
+    control(proxy, **{"rate": 0.1, "kinds": list(KINDS), "mode": "transient", "seed": 0, "stall_s": 1.0, **cfg})
+    try:
+        yield lambda: control(proxy)["counts"]
+    finally:
+        control(proxy, rate=0.0)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -8,51 +8,14 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from tasks.lake import Lake
-from tests.conftest import BIN, ROOT, free_port, make_bucket, run_cli, wait_port
+from tests.conftest import BIN, ROOT, STAGES, free_port, run_cli, run_pipeline, versions_and_hashes, wait_port
 
-STAGES = ["download", "filter", "dedup", "tokenizer", "shard", "pretrain"]
-QUICK = ["--set", "pretrain.max_steps=20", "--set", "pretrain.eval_every=10", "--set", "pretrain.sample_every=0",
-         "--set", "pretrain.checkpoint_every=10"]
-
-
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("mirror") / "demo-mirror"
-    r = run_cli("demo-mirror", str(d))
-    assert r.returncode == 0, r.stderr
-    return d
-
-
-def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None):
-    # `run --preset demo` reads the mirror from ./demo-mirror: run where it is
-    return subprocess.run([str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK, *extra],
-                          capture_output=True, text=True, timeout=900, cwd=cwd or mirror.parent,
-                          env={**os.environ, **(env or {})})
-
-
-def versions_and_hashes(lake: Lake) -> dict:
-    out = {}
-    for kind in STAGES:
-        m = lake.resolve(kind)
-        out[kind] = (m.version, {f["path"]: f["sha256"] for f in m.files})
-    return out
-
-
-@pytest.fixture(scope="module")
-def local_run(mirror, tmp_path_factory):
-    lake = str(tmp_path_factory.mktemp("pipe") / "lake")
-    r = run_pipeline(lake, mirror)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return lake, r
-
-
-def test_demo_pipeline_end_to_end(local_run):
-    lake_url, r = local_run
+def test_demo_pipeline_end_to_end(demo_local_run):
+    lake_url, r = demo_local_run
     lake = Lake(lake_url)
     ms = {k: lake.resolve(k) for k in STAGES}
     # lineage from checkpoint back to the crawl
@@ -69,23 +32,23 @@ def test_demo_pipeline_end_to_end(local_run):
     assert s.returncode == 0 and s.stdout.startswith("The ") and len(s.stdout.strip()) > 5
 
 
-def test_second_run_is_all_cache_hits(local_run, mirror):
-    lake_url, _ = local_run
+def test_second_run_is_all_cache_hits(demo_local_run, demo_mirror):
+    lake_url, _ = demo_local_run
     before = versions_and_hashes(Lake(lake_url))
     t = time.time()
-    r = run_pipeline(lake_url, mirror)
+    r = run_pipeline(lake_url, demo_mirror)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("cache hit") == 6 and "built now" not in r.stdout
     assert versions_and_hashes(Lake(lake_url)) == before
     assert time.time() - t < 120
 
 
-def test_rebuild_one_stage(local_run, mirror):
-    lake_url, _ = local_run
+def test_rebuild_one_stage(demo_local_run, demo_mirror):
+    lake_url, _ = demo_local_run
     lake = Lake(lake_url)
     old = lake.resolve("shard")
     time.sleep(1.1)  # created_at has one-second resolution
-    r = run_pipeline(lake_url, mirror, "--from", "shard", "--to", "shard", "--rebuild", "shard")
+    r = run_pipeline(lake_url, demo_mirror, "--from", "shard", "--to", "shard", "--rebuild", "shard")
     assert r.returncode == 0, r.stderr[-3000:]
     new = lake.resolve("shard")
     assert new.version == old.version and new.created_at > old.created_at
@@ -93,20 +56,12 @@ def test_rebuild_one_stage(local_run, mirror):
     assert "built now" in r.stdout and "pretrain@" not in r.stdout
 
 
-def test_the_same_pipeline_on_s3_gives_the_same_versions_and_files(local_run, mirror, s3_endpoint):
-    lake_url, _ = local_run
-    s3 = f"s3://{make_bucket(s3_endpoint)}/lake"
-    r = run_pipeline(s3, mirror)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert versions_and_hashes(Lake(s3)) == versions_and_hashes(Lake(lake_url))
-
-
-def test_invalid_pipeline_parameters(tmp_path, mirror):
+def test_invalid_pipeline_parameters(tmp_path, demo_mirror):
     for args, message in [(["--from", "shard", "--to", "filter"], "comes after"),
                           (["--set", "pretrain.max_steps=0"], "invalid pretrain.max-steps"),
                           (["--set", "nosuchstage.x=1"], "invalid --set 'nosuchstage'"),
                           (["--set", "pretrain.rdzv_endpoint=nohostport"], "invalid rdzv endpoint")]:
-        r = run_pipeline(str(tmp_path / "lake"), mirror, *args)
+        r = run_pipeline(str(tmp_path / "lake"), demo_mirror, *args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert not (tmp_path / "lake").exists()
 

@@ -19,7 +19,7 @@ from tasks.lake import Lake
 from tasks.shard import ShardParams, shard_documents
 from tasks.tokenizer import (SPECIAL_TOKENS, TokenizerError, TokenizerParams, iter_documents, load,
                              tokenizer_path, train_tokenizer)
-from tests.conftest import run_cli
+from tests.conftest import copy_version, run_cli
 
 EXTRA = ["tinyshakespeare.txt", "project_gutenberg_pride_and_prejudice.txt", "botchan.txt"]
 
@@ -36,19 +36,6 @@ def corpus(shared_data, tmp_path_factory):
     sh = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=0.2,
                                            shard_tokens=8000, row_group_tokens=2000), log=lambda m: None)
     return {"lake": lake, "dedup": dd, "extra": extra, "tokenizer": tok, "shard": sh}
-
-
-def copy_version(src: Lake, dst: Lake, ref: str) -> str:
-    """Copy a version and its lineage into another lake; the same recipe gives the same version."""
-    m = src.resolve(ref)
-    inputs = [copy_version(src, dst, i) for i in m.inputs]
-    with dst.produce(m.kind, m.params, inputs, m.code_version) as p:
-        if not p.cached:
-            for f in m.files:
-                p.write_bytes(f["path"], src.open(m, f["path"]).read())
-            p.metrics.update(m.metrics)
-    assert p.version == m.version
-    return p.ref
 
 
 def test_tokenizer_is_lossless_with_reserved_tokens(corpus, shared_data):
