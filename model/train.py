@@ -264,8 +264,15 @@ def torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def torch_from_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def torch_load_safe(fs, path: str):
+    """Tensors and plain data only (weights_only): a checkpoint is data, never code to run."""
+    import pickle
+
+    try:
+        return torch.load(io.BytesIO(read_bytes(fs, path)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0] if str(e) else "unsupported content"
+        raise UsageError(f"refusing to load {path}: it holds more than tensors and plain data ({reason})") from None
 
 
 def list_checkpoints(fs, root: str) -> list[tuple[int, str, bool]]:
@@ -314,7 +321,10 @@ def save_checkpoint(d, fs, root, step, raw, optimizer, batches, run_config, trai
         keep_paths = {p for _, p, _ in complete[-keep:]}
         for s, p, done in list_checkpoints(fs, root):
             if p not in keep_paths and (done or s < step):
-                fs.rm(p, recursive=True)
+                try:
+                    fs.rm(p, recursive=True)
+                except FileNotFoundError:  # an S3 listing can still show a just-deleted prefix
+                    pass
         note(d, f"checkpoint {path}")
 
 
@@ -325,9 +335,9 @@ def load_checkpoint(d, fs, path, raw, optimizer) -> tuple[dict, dict]:
     # and under FSDP every key is a collective (scatter) that all ranks must issue alike
     model_sd = dict(sorted(load_safetensors(read_bytes(fs, f"{path}/model.safetensors")).items()))
     set_model_state_dict(raw, model_sd, options=state_dict_options())
-    optim_sd = torch_from_bytes(read_bytes(fs, f"{path}/optimizer.pt"))
+    optim_sd = torch_load_safe(fs, f"{path}/optimizer.pt")
     set_optimizer_state_dict(raw, optimizer, optim_sd, options=state_dict_options())
-    rank_state = torch_from_bytes(read_bytes(fs, f"{path}/rank-{d.rank:05d}.pt"))
+    rank_state = torch_load_safe(fs, f"{path}/rank-{d.rank:05d}.pt")
     trainer_state = json.loads(read_bytes(fs, f"{path}/trainer.json"))
     return rank_state, trainer_state
 
@@ -662,7 +672,21 @@ def write_final(a, d, s, raw, history, step, tokens_seen) -> None:
     note(d, f"done: {root}/final")
 
 
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. A stage killed with -9 must not leave
+    a launcher or workers behind, writing checkpoints next to the rerun's."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def main(argv=None) -> int:
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a worker under torchrun
+        die_with_parent()
+        if os.getppid() == 1:  # the launcher died before we could ask
+            return 1
     a = parse_args(argv)
     d = Dist()
     clean = False
@@ -675,6 +699,11 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         clean = e.together
         return e.status
+    except OSError as e:  # storage gave up after its retries (an S3 outage, a full disk)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: storage error at {a.out}: {type(e).__name__}: {msg} "
+              "(checkpoints written so far are kept; rerun to resume)", file=sys.stderr, flush=True)
+        return 1
     finally:
         d.close(clean)
 

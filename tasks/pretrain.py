@@ -104,11 +104,22 @@ def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str
                        *params.train_args()]
 
 
+def torchrun_env(params: PretrainParams) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if params.nproc_per_node > 1
+                                             else str(os.cpu_count() or 1))}
+    if params.nnodes == 1 and not params.rdzv_endpoint:
+        # One machine: gloo's sockets listen on loopback, not on the host name's interface.
+        env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    return env
+
+
 def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None], env: dict | None = None) -> None:
     """Run torchrun in its own process group, streaming its output as it comes; on timeout
     or cancellation (KeyboardInterrupt, Prefect's cancel) kill the whole group."""
+    from model.train import die_with_parent
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, env={**os.environ, **(env or {})},
+                            start_new_session=True, preexec_fn=die_with_parent, env={**os.environ, **(env or {})},
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
     timer.start()
@@ -233,9 +244,7 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
             raise PretrainError(msg[-1] if msg else f"model.train --check failed ({check.returncode})")
         log("launching: " + " ".join(cmd))
         progress = _Progress(params.max_steps, log)
-        run_torchrun(cmd, params.timeout_s, progress, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")
-                                                           if params.nproc_per_node > 1 else
-                                                           os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))})
+        run_torchrun(cmd, params.timeout_s, progress, env=torchrun_env(params))
         with lake.fs.open(prod.path("metrics.json"), "rb") as f:
             history = json.load(f)
         history = history.get("history", history) if isinstance(history, dict) else history
