@@ -10,7 +10,7 @@ import time
 from rich.console import Console
 
 from flows.pipeline import PipelineParams, pipeline, summary_rows, summary_table
-from tasks.lake import Lake, now_iso
+from tasks.lake import Lake
 from tasks.mirror import build_mirror
 from tasks.presets import preset
 
@@ -21,14 +21,12 @@ def demo(lake_url: str, mirror_dir: str = "demo-mirror") -> None:
     console = Console()
     if not os.path.exists(os.path.join(mirror_dir, "collinfo.json")):
         build_mirror(mirror_dir)
-    started = now_iso()
-    time.sleep(1)  # created_at has one-second resolution: anything built now is after `started`
     params = PipelineParams(**preset("demo", "file://" + os.path.abspath(mirror_dir) + "/"))
     t0 = time.time()
     refs = pipeline(params, lake_url=lake_url)
     lake = Lake(lake_url)
     console.print(summary_table(f"crawl2model demo: lake {lake_url}, {time.time() - t0:.0f}s "
-                                "(the demo mirror stands in for Common Crawl)", summary_rows(lake, refs, {}, started)))
+                                "(the demo mirror stands in for Common Crawl)", summary_rows(lake, refs, {})))
     from model.sample import generate_text
 
     final = lake.file_uri(lake.resolve(refs["pretrain"]), "final")

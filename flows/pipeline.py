@@ -23,10 +23,10 @@ from flows.tokenizer import tokenizer
 from tasks.dedup import DedupParams
 from tasks.download import DownloadParams
 from tasks.filter import FilterParams
-from tasks.lake import Lake, now_iso
+from tasks.lake import Lake
 from tasks.pretrain import PretrainParams
 from tasks.shard import ShardParams
-from tasks.stage import Strict
+from tasks.stage import Strict, built_here
 from tasks.tokenizer import TokenizerParams
 
 STAGES = ("download", "filter", "dedup", "tokenizer", "shard", "pretrain")
@@ -69,7 +69,6 @@ def pipeline(params: PipelineParams = PipelineParams(), lake_url: str | None = N
 
     refs: dict[str, str] = {}
     timings: dict[str, float] = {}
-    started = now_iso()
     steps = [
         ("download", lambda: download(p("download"), lake_url=lake_url)),
         ("filter", lambda: filter_(p("filter", input=ref_of("download", refs)), lake_url=lake_url)),
@@ -86,17 +85,17 @@ def pipeline(params: PipelineParams = PipelineParams(), lake_url: str | None = N
         refs[stage] = call()
         timings[stage] = round(time.time() - t, 2)
         log.info("%s -> %s (%.1fs)", stage, refs[stage], timings[stage])
-    publish_summary(lake, refs, timings, started)
+    publish_summary(lake, refs, timings)
     return refs
 
 
-def summary_rows(lake: Lake, refs: dict[str, str], timings: dict[str, float], started: str) -> list[dict]:
+def summary_rows(lake: Lake, refs: dict[str, str], timings: dict[str, float]) -> list[dict]:
     """One row per stage: its version, time, whether it was already built, key numbers."""
     rows = []
     for stage, ref in refs.items():
         m = lake.resolve(ref)
         rows.append({"stage": stage, "version": ref, "seconds": timings.get(stage, 0.0),
-                     "cache hit": m.created_at < started, "numbers": key_numbers(stage, m.metrics)})
+                     "cache hit": not built_here(ref), "numbers": key_numbers(stage, m.metrics)})
     return rows
 
 
@@ -130,8 +129,8 @@ def key_numbers(kind: str, x: dict) -> str:
     return ""
 
 
-def publish_summary(lake: Lake, refs: dict[str, str], timings: dict[str, float], started: str) -> None:
+def publish_summary(lake: Lake, refs: dict[str, str], timings: dict[str, float]) -> None:
     from prefect.artifacts import create_table_artifact
 
-    rows = summary_rows(lake, refs, timings, started)
+    rows = summary_rows(lake, refs, timings)
     create_table_artifact(key="pipeline-summary", table=rows, description="pipeline: each stage's version and time")

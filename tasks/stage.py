@@ -93,6 +93,14 @@ def publish(lake: Lake, m: Manifest, cached: bool) -> None:
     )
 
 
+_BUILT_HERE: set[str] = set()  # refs this process built (a waiter that reused a racer's is not)
+
+
+def built_here(ref: str) -> bool:
+    """Whether this process built `ref` (the summaries' "built now"), rather than reusing it."""
+    return ref in _BUILT_HERE
+
+
 def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_version: str,
               build: Callable[[Production], None], rebuild: bool = False) -> Manifest:
     """Produce `kind` for this recipe (the parameters that define the output: they make the
@@ -109,6 +117,7 @@ def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_versi
     m = prod.manifest
     assert m is not None
     if not prod.cached:
+        _BUILT_HERE.add(m.ref)
         log.info("%s: committed %d file(s)", m.ref, len(m.files))
     publish(lake, m, prod.cached)
     return m
