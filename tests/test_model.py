@@ -317,3 +317,31 @@ def test_lr_schedules():
     a.schedule = "wsd"
     lrs = [lr_at(s, a) for s in range(100)]
     assert set(lrs[9:80]) == {1.0} and lrs[99] < 0.15 and all(x >= y for x, y in zip(lrs[80:], lrs[81:]))
+
+
+class _Payload:
+    """A pickle that runs a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_holding_code_is_refused_not_run(shards, tmp_path, capsys):
+    data, _ = shards
+    out, marker = tmp_path / "o", tmp_path / "pwned"
+    args = ["--data", data, "--out", out, "--preset", "tiny", "--max-steps", "2", "--batch-size", "2",
+            "--seq-len", "32", "--eval-every", "0", "--checkpoint-every", "1", "--keep-checkpoints", "1"]
+    code, err = train_inproc(capsys, *args)
+    assert code == 0, err
+    (step,) = (out / "checkpoints").iterdir()
+    assert (step / "trainer.json").exists()
+    for name in ("optimizer.pt", "rank-00000.pt"):
+        original = (step / name).read_bytes()
+        torch.save({"state": _Payload(marker)}, step / name)
+        code, err = train_inproc(capsys, *args)  # the same run again: it resumes from the checkpoint
+        assert code == 2 and f"refusing to load {step / name}" in err, err
+        assert not marker.exists()  # the payload never ran
+        (step / name).write_bytes(original)
