@@ -4,7 +4,9 @@
 (collinfo.json, crawl-data/<crawl>/warc.paths.gz, the files under segments/). `CCServer`
 serves a folder with Range support; `faults` maps a file name to the faults its successive
 requests get: "503" (with Retry-After), "429", "500", "drop" (half the body, then the
-connection closes), "slow" (the body trickles), "ok".
+connection closes), "slow" (the body trickles), "longlen" (a Content-Length 1000 bytes more than
+is sent, then the connection closes), "shortlen" (1000 bytes fewer sent, and claimed: a silent
+truncation), "ok".
 
 Also runnable: python tests/ccserver.py DIR PORT  (used under `unshare -n`).
 """
@@ -104,8 +106,14 @@ class CCServer:
         body = data[start:]
         with self._lock:
             self.requests.append((path, rng, code))
+        claimed = len(body)
+        if fault == "longlen":  # claims more than it sends, then closes
+            claimed = len(body) + 1000
+        elif fault == "shortlen":  # claims (and sends) less than the file: a silent truncation
+            body = body[: max(1, len(body) - 1000)]
+            claimed = len(body)
         h.send_response(code)
-        for k, v in {**headers, "Content-Length": str(len(body)), "Accept-Ranges": "bytes",
+        for k, v in {**headers, "Content-Length": str(claimed), "Accept-Ranges": "bytes",
                      "Content-Type": "application/octet-stream"}.items():
             h.send_header(k, v)
         h.end_headers()
@@ -125,6 +133,9 @@ class CCServer:
                     self.bytes_sent[path] += len(body[i:i + step])
                 if fault == "slow":
                     time.sleep(self.slow_delay)
+            if fault == "longlen":
+                h.close_connection = True
+                h.connection.shutdown(2)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client stopped reading (e.g. --max-records): fine
 

@@ -230,3 +230,21 @@ def test_killed_download_resumes_from_its_partial_file(cc_root, shared_data, tmp
         resumed = [r for p, r, code in srv.requests if code == 206]
     assert resumed and int(resumed[0].split("=")[1].rstrip("-")) >= 300_000 // 2
     assert m.files[0]["sha256"] == sha256(shared_data / "warc" / big)
+
+
+def test_a_wrong_content_length_is_resumed_or_a_clear_error(cc_root, originals, tmp_path):
+    """A server that claims more than it sends is resumed (right sha256); one that silently sends
+    and claims 1000 bytes too few gives a file that fails verification: a clear error naming it."""
+    wget = "wget-sample-0000.warc.gz"
+    url = next(f"crawl-data/CC-MAIN-TEST/{p.relative_to(cc_root / 'crawl-data' / 'CC-MAIN-TEST')}"
+               for p in (cc_root / "crawl-data").rglob(wget))
+    lake = Lake(str(tmp_path / "lake"))
+    with CCServer(cc_root, {wget: ["longlen", "ok"]}) as srv:
+        m = download(lake, DownloadParams(urls=[srv.url + url]))
+    assert {f["sha256"] for f in m.files} == {originals[wget]}
+    assert [code for p, _, code in srv.requests if p.endswith(wget)] == [200, 206]  # resumed by Range
+    with CCServer(cc_root, {wget: ["shortlen"] * 10}) as srv:
+        r = run_cli("--lake", str(tmp_path / "other"), "stage", "download", "--urls", srv.url + url)
+    assert r.returncode == 1 and f"error: {srv.url + url}:" in r.stderr, r.stderr[-2000:]
+    assert "truncated" in r.stderr.split("error:")[-1], r.stderr[-2000:]
+    assert not (tmp_path / "other").exists() or Lake(str(tmp_path / "other")).versions("download") == []

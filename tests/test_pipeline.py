@@ -113,6 +113,25 @@ def test_prefect_deploy_all_creates_every_deployment_and_the_schedule(prefect_se
     assert "crawl2model-gpu" in r.stdout
 
 
+def test_a_deployment_run_with_invalid_parameters_is_refused_before_it_starts(prefect_server):
+    """The server checks a run's parameters against the flow's pydantic schema (extra fields
+    forbidden, bounds): no flow run is created."""
+    for params, field in [({"params": {"vocab_size": 3}}, "vocab_size"),
+                          ({"params": {"vocab_sise": 4096}}, "vocab_sise"),
+                          ({"params": {}, "lake_url": 7}, "lake_url")]:
+        r = prefect(prefect_server, "deployment", "run", "tokenizer/tokenizer", "--params", json.dumps(params))
+        assert r.returncode != 0 and field in r.stdout + r.stderr, (params, r.stdout[-2000:], r.stderr[-2000:])
+    # a valid one is accepted (it waits for a worker): the deployment's only flow run
+    r = prefect(prefect_server, "deployment", "run", "tokenizer/tokenizer", "--params",
+                json.dumps({"params": {"vocab_size": 4096}}))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    found = subprocess.run(["curl", "-sf", "-X", "POST", f"{prefect_server['url']}/api/flow_runs/filter",
+                            "-H", "Content-Type: application/json", "-d",
+                            json.dumps({"deployments": {"name": {"any_": ["tokenizer"]}}})],
+                           capture_output=True, text=True)
+    assert [r["parameters"] for r in json.loads(found.stdout)] == [{"params": {"vocab_size": 4096}}]
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
