@@ -48,3 +48,21 @@ def test_ingest_rejects_bad_parameters_before_work(tmp_path):
         IngestParams(files=[str(tmp_path / "nosuchfile.txt")])
     with pytest.raises(ValidationError, match="at least 1 item"):
         IngestParams(files=[])
+
+
+def test_flows_refuse_bad_parameters_before_a_run_starts(prefect_harness, tmp_path):
+    """A flow called with a plain dict (as a deployment or a script would) has it validated
+    against the stage's pydantic model before any task runs: nothing is created."""
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import pipeline
+    from flows.tokenizer import tokenizer
+
+    lake_url = str(tmp_path / "lake")
+    for flow, params, field in [(tokenizer, {"vocab_size": 3}, "vocab_size"),
+                                (tokenizer, {"vocab_sise": 4096}, "vocab_sise"),
+                                (pipeline, {"from_stage": "nosuchstage"}, "from_stage"),
+                                (pipeline, {"pretrain": {"max_steps": 0}}, "max_steps")]:
+        with pytest.raises(ParameterTypeError, match=field):
+            flow(params=params, lake_url=lake_url)
+    assert not (tmp_path / "lake").exists()
