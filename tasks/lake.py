@@ -150,9 +150,36 @@ class Manifest:
 # --------------------------------------------------------------------------- the store
 
 
+SECRET_BLOCK_ENV = "CRAWL2MODEL_S3_SECRET_BLOCK"
+
+
+def s3_credentials() -> dict[str, str]:
+    """S3 credentials from the Prefect Secret block named by $CRAWL2MODEL_S3_SECRET_BLOCK, as
+    botocore environment variables; {} when it is not set (botocore then reads the environment,
+    a profile or an instance role). The block's value is JSON: {"aws_access_key_id": ...,
+    "aws_secret_access_key": ..., "aws_session_token": ... (optional)}."""
+    name = os.environ.get(SECRET_BLOCK_ENV)
+    if not name:
+        return {}
+    try:
+        from prefect.blocks.system import Secret
+
+        value = Secret.load(name).get()
+    except Exception as e:  # unknown block, no Prefect API
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LakeError(f"cannot load the Prefect Secret block {name!r} (${SECRET_BLOCK_ENV}): {msg}") from None
+    keys = {"aws_access_key_id", "aws_secret_access_key"}
+    if not isinstance(value, dict) or not keys <= set(value):
+        raise LakeError(f"Prefect Secret block {name!r} (${SECRET_BLOCK_ENV}) must hold JSON with "
+                        "aws_access_key_id and aws_secret_access_key")
+    return {k.upper(): str(v) for k, v in value.items()
+            if k in keys | {"aws_session_token"} and v}
+
+
 def _fs_for(url: str):
     """One fsspec filesystem for a root URL. S3 endpoint and credentials come from the
-    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from parameters we store."""
+    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or a Prefect Secret block named there,
+    never from parameters we store."""
     options: dict[str, Any] = {}
     if url.startswith(("s3://", "s3a://")):
         # Listings must be fresh: another process may have just committed a version.
@@ -161,6 +188,10 @@ def _fs_for(url: str):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
+        creds = s3_credentials()
+        if creds:
+            options.update(key=creds["AWS_ACCESS_KEY_ID"], secret=creds["AWS_SECRET_ACCESS_KEY"],
+                           token=creds.get("AWS_SESSION_TOKEN"))
     elif "://" not in url or url.startswith("file://"):
         options["auto_mkdir"] = True
     fs, root = fsspec.core.url_to_fs(url, **options)

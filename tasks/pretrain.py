@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 
-from tasks.lake import Lake, Manifest, Production
+from tasks.lake import Lake, Manifest, Production, s3_credentials
 from tasks.stage import StageParams, in_prefect_run, run_stage
 
 CODE_VERSION = "pretrain/2"
@@ -110,6 +110,9 @@ def torchrun_env(params: PretrainParams) -> dict[str, str]:
     if params.nnodes == 1 and not params.rdzv_endpoint:
         # One machine: gloo's sockets listen on loopback, not on the host name's interface.
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    # S3 credentials from a Prefect Secret block reach the trainer (no Prefect in model/) through
+    # its environment only: never on the command line, which is logged.
+    env.update(s3_credentials())
     return env
 
 
@@ -237,7 +240,7 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         # a quick check of the inputs first: bad shapes and vocabularies fail before the launch
         check = subprocess.run([sys.executable, "-m", "model.train", "--data", data, "--out", out,
                                 "--tokenizer", tokenizer, *params.train_args(), "--check"],
-                               capture_output=True, text=True,
+                               capture_output=True, text=True, env={**os.environ, **torchrun_env(params)},
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if check.returncode != 0:
             msg = (check.stderr.strip() or check.stdout.strip()).splitlines()

@@ -142,11 +142,12 @@ def demo_mirror(tmp_path_factory) -> Path:
     return d
 
 
-def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None):
+def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None,
+                 unset: tuple[str, ...] = ()):
     # `run --preset demo` reads the mirror from ./demo-mirror: run where it is
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK, *extra],
-                          capture_output=True, text=True, timeout=900, cwd=cwd or mirror.parent,
-                          env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=900, cwd=cwd or mirror.parent, env=environ)
 
 
 def versions_and_hashes(lake: Lake) -> dict:

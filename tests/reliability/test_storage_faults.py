@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 
-from tasks.lake import Lake
+from tasks.lake import SECRET_BLOCK_ENV, Lake
 from tasks.stage import cache_dir
 from tests.conftest import (BIN, S3_KEY_ID, S3_SECRET, _PREFECT_HOME, faults, make_bucket, run_pipeline,
                             versions_and_hashes)
@@ -46,12 +47,23 @@ def test_the_lake_commits_through_every_fault_kind(s3_endpoint, fault_proxy, mon
             assert f.read() == payload["large.bin"]
 
 
+SECRET_BLOCK = "c2m-test-s3"
+
+
 @pytest.fixture(scope="module")
 def faulted_run(demo_mirror, s3_endpoint, fault_proxy):
-    """The demo pipeline on S3, every request through the proxy, 10% of them faulted."""
+    """The demo pipeline on S3, every request through the proxy, 10% of them faulted. The
+    credentials come from a Prefect Secret block, not from the environment."""
+    saved = subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.system import Secret; "
+                            "Secret(value={'aws_access_key_id': sys.argv[1], 'aws_secret_access_key': sys.argv[2]})"
+                            ".save(sys.argv[3], overwrite=True)", S3_KEY_ID, S3_SECRET, SECRET_BLOCK],
+                           capture_output=True, text=True, timeout=120)
+    assert saved.returncode == 0, saved.stderr[-2000:]
     bucket = make_bucket(s3_endpoint)
     with faults(fault_proxy, rate=0.1, seed=1) as counts:
-        r = run_pipeline(f"s3://{bucket}/lake", demo_mirror, env={"AWS_ENDPOINT_URL": fault_proxy})
+        r = run_pipeline(f"s3://{bucket}/lake", demo_mirror,
+                         env={"AWS_ENDPOINT_URL": fault_proxy, SECRET_BLOCK_ENV: SECRET_BLOCK},
+                         unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
         injected = counts()
     assert r.returncode == 0, r.stderr[-4000:]
     return bucket, r, injected
@@ -119,3 +131,28 @@ def test_an_outage_mid_stage_is_a_clear_error_and_the_rerun_completes(stage, fau
     m = lake.resolve(kind)
     assert m.ref in r.stdout and lake.verify(m) == []
     assert not [k for k in objects() if f"/{m.version}/_work/" in k or f"/{m.version}/_lease/" in k]
+
+
+def test_s3_credentials_from_a_prefect_secret_block(prefect_harness, s3_endpoint, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tasks.lake import LakeError
+
+    url = f"s3://{make_bucket(s3_endpoint)}/lake"
+    Secret(value={"aws_access_key_id": S3_KEY_ID, "aws_secret_access_key": S3_SECRET}).save("c2m-s3", overwrite=True)
+    Secret(value="just-a-string").save("c2m-not-s3", overwrite=True)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv(SECRET_BLOCK_ENV, "c2m-s3")
+    with Lake(url).produce("thing", {}, [], "1") as p:
+        p.write_bytes("a.txt", b"hello")
+    assert Lake(url).verify(p.manifest) == []
+    for name, message in [("c2m-nosuch", "cannot load the Prefect Secret block 'c2m-nosuch'"),
+                          ("c2m-not-s3", "must hold JSON with aws_access_key_id and aws_secret_access_key")]:
+        monkeypatch.setenv(SECRET_BLOCK_ENV, name)
+        with pytest.raises(LakeError, match=message):
+            Lake(url)
+    monkeypatch.delenv(SECRET_BLOCK_ENV)
+    with pytest.raises(LakeError, match="cannot reach lake .*credentials"):
+        Lake(url).resolve("thing")
