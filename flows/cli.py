@@ -169,14 +169,6 @@ def _params(model, **values):
         raise UsageError(f"invalid {where.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}")
 
 
-def _storage_errors() -> tuple[type[Exception], ...]:
-    try:
-        from botocore.exceptions import BotoCoreError
-    except ImportError:  # no S3 support installed
-        return ()
-    return (BotoCoreError,)
-
-
 def _run_flow(fn, *args, **kwargs) -> str:
     from tasks.dedup import DedupError
     from tasks.download import DownloadError
@@ -189,7 +181,11 @@ def _run_flow(fn, *args, **kwargs) -> str:
         return fn(*args, **kwargs)
     except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError) as e:
         raise RunFailed(str(e)) from None
-    except (OSError, *_storage_errors()) as e:
+    except Exception as e:
+        from model.train import is_storage_error
+
+        if not is_storage_error(e):
+            raise
         # Storage gave up after its retries (S3 5xx, resets, a full disk...). The traceback is
         # in the run's log above; the last line says what failed, and nothing was committed.
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -408,7 +408,7 @@ def setup(a: argparse.Namespace, d: Dist) -> dict:
     bytes_per_token = a.bytes_per_token or meta.get("bytes_per_token")
     try:
         sp, sp_proto = load_tokenizer(a.tokenizer)
-    except (OSError, RuntimeError) as e:
+    except (FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError) as e:  # not an outage
         raise UsageError(f"cannot load the tokenizer {a.tokenizer}: {e}") from None
 
     run_config = {
@@ -672,6 +672,11 @@ def write_final(a, d, s, raw, history, step, tokens_seen) -> None:
     note(d, f"done: {root}/final")
 
 
+def is_storage_error(e: BaseException) -> bool:
+    """An OSError, or an error of the S3 client stack that is not one (botocore, aiohttp)."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs")
+
+
 def die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent dies. A stage killed with -9 must not leave
     a launcher or workers behind, writing checkpoints next to the rerun's."""
@@ -699,7 +704,10 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         clean = e.together
         return e.status
-    except OSError as e:  # storage gave up after its retries (an S3 outage, a full disk)
+    except Exception as e:
+        if not is_storage_error(e):
+            raise
+        # storage gave up after its retries (an S3 outage, a full disk): one line, no traceback
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: storage error at {a.out}: {type(e).__name__}: {msg} "
               "(checkpoints written so far are kept; rerun to resume)", file=sys.stderr, flush=True)

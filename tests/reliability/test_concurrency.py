@@ -36,11 +36,12 @@ def test_identical_runs_share_one_producer_and_a_different_run_is_undisturbed(de
         m = lake.manifest(stage, version)
         assert m is not None and {f["path"]: f["sha256"] for f in m.files} == files, stage
     a, b, c = (summary(out) for out, _ in outs)
-    assert set(a) == set(b) == set(STAGES), (a, b)
-    for stage in STAGES:  # one producer per version: the other run waited and reused it
-        assert sorted([a[stage], b[stage]]) == ["built now", "cache hit"], (stage, a, b)
-    # the different run shares the upstream versions; its own equal those of a run made alone
-    assert sorted(c) == sorted(STAGES[:5]) and c["tokenizer"] == c["shard"] == "built now", c
+    assert set(a) == set(b) == set(STAGES) and set(c) == set(STAGES[:5]), (a, b, c)
+    for stage in STAGES:  # one producer per version: the others waited and reused it
+        sharing = [a, b, c] if stage in c and stage not in ("tokenizer", "shard") else [a, b]
+        assert [x[stage] for x in sharing].count("built now") == 1, (stage, a, b, c)
+    # the different run's own versions equal those of a run made alone
+    assert c["tokenizer"] == c["shard"] == "built now", c
     assert [len(lake.versions(k)) for k in STAGES] == [1, 1, 1, 2, 2, 1]
     alone = Lake(str(tmp_path / "alone"))
     copy_version(reference, alone, reference.resolve("dedup").ref)

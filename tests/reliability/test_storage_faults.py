@@ -122,7 +122,7 @@ def test_an_outage_mid_stage_is_a_clear_error_and_the_rerun_completes(stage, fau
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
     line = next(x for x in reversed(err.strip().splitlines()) if x.startswith("error: "))
-    assert lake_url in line and "storage error" in line and "rerun" in line, line
+    assert lake_url in line and "storage error" in line and "rerun" in line, err[-4000:]
     assert {k for k in objects() if k.endswith("_MANIFEST.json")} == before  # nothing committed
 
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
