@@ -117,7 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------
 
 class Dist:
-    def __init__(self):
+    def __init__(self, init: bool = True):
+        """`init=False` (for --check): the world size of the planned launch, without a process
+        group, so a resume check compares the configuration the ranks will have."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -125,26 +127,27 @@ class Dist:
         self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
-        if self.world > 1:
+        self.group = self.world > 1 and init
+        if self.group:
             dist.init_process_group(backend="nccl" if self.cuda else "gloo", device_id=self.device if self.cuda else None)
         self.master = self.rank == 0
         self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def agree(self, error: str | None) -> str | None:
         """Every rank learns the first rank's error (if any), so that all of them stop together."""
-        if self.world == 1:
+        if not self.group:
             return error
         errors = [None] * self.world
         dist.all_gather_object(errors, error)
         return next((e for e in errors if e), None)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
+        if self.group:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.group:
             dist.barrier()
 
     def check_parent(self) -> None:
@@ -693,7 +696,7 @@ def main(argv=None) -> int:
         if os.getppid() == 1:  # the launcher died before we could ask
             return 1
     a = parse_args(argv)
-    d = Dist()
+    d = Dist(init=not a.check)
     clean = False
     try:
         train(a, d)

@@ -240,7 +240,10 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         # a quick check of the inputs first: bad shapes and vocabularies fail before the launch
         check = subprocess.run([sys.executable, "-m", "model.train", "--data", data, "--out", out,
                                 "--tokenizer", tokenizer, *params.train_args(), "--check"],
-                               capture_output=True, text=True, env={**os.environ, **torchrun_env(params)},
+                               capture_output=True, text=True,
+                               # the world size torchrun will give: a resume check compares like with like
+                               env={**os.environ, **torchrun_env(params), "RANK": "0",
+                                    "WORLD_SIZE": str(params.nproc_per_node * params.nnodes)},
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if check.returncode != 0:
             msg = (check.stderr.strip() or check.stdout.strip()).splitlines()

@@ -345,3 +345,16 @@ def test_a_checkpoint_holding_code_is_refused_not_run(shards, tmp_path, capsys):
         assert code == 2 and f"refusing to load {step / name}" in err, err
         assert not marker.exists()  # the payload never ran
         (step / name).write_bytes(original)
+
+
+def test_check_compares_a_resume_with_the_planned_world_size(shards, full_run):
+    """`--check` runs before torchrun, in one process: given the launch's WORLD_SIZE it accepts
+    resuming a 2-rank run (and a 1-rank launch is refused)."""
+    data, tok = shards
+    cmd = [sys.executable, "-m", "model.train", "--data", str(data), "--out", str(full_run[0]), "--tokenizer",
+           str(tok), *TRAIN_ARGS, "--check"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                        env={**env(), "WORLD_SIZE": "2", "RANK": "0"})
+    assert ok.returncode == 0 and "would resume from" in ok.stderr, ok.stderr[-2000:]
+    single = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env())
+    assert single.returncode == 2 and "world_size 2 -> 1" in single.stderr, single.stderr[-2000:]
