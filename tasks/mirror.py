@@ -14,6 +14,7 @@ import gzip
 import html
 import io
 import json
+import uuid
 import warnings
 from pathlib import Path
 
@@ -96,22 +97,32 @@ def _module_pages() -> list[tuple[str, str, str]]:
     return pages
 
 
+def _record_id(*parts: str) -> str:
+    """A WARC-Record-ID from the record's identity, not a random one: the same mirror bytes on
+    every build, so document ids (and everything keyed by them, like the tokenizer's held-out
+    split) are the same in every demo."""
+    return f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, ' '.join(parts))}>"
+
+
 def _write_warc(path: Path, pages, crawl: str, when: dt.datetime) -> None:
     with open(path, "wb") as f:
         w = WARCWriter(f, gzip=True)
         info = w.create_warcinfo_record(path.name, {"software": "crawl2model demo-mirror",
                                                     "isPartOf": crawl, "format": "WARC File Format 1.1"})
+        info.rec_headers.replace_header("WARC-Record-ID", _record_id("warcinfo", crawl, path.name))
+        info.rec_headers.replace_header("WARC-Date", when.strftime("%Y-%m-%dT%H:%M:%SZ"))
         w.write_record(info)
         for i, (url, body, _) in enumerate(pages):
             date = (when + dt.timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
             req = w.create_warc_record(url, "request", payload=io.BytesIO(
                 f"GET {url.split('invalid', 1)[1]} HTTP/1.1\r\nHost: docs.demo.invalid\r\n\r\n".encode()),
-                warc_headers_dict={"WARC-Date": date})
+                warc_headers_dict={"WARC-Date": date, "WARC-Record-ID": _record_id("request", url)})
             data = body.encode("utf-8")
             http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                                                ("Content-Length", str(len(data)))], protocol="HTTP/1.1")
             resp = w.create_warc_record(url, "response", payload=io.BytesIO(data), http_headers=http,
-                                        warc_headers_dict={"WARC-Date": date})
+                                        warc_headers_dict={"WARC-Date": date,
+                                                           "WARC-Record-ID": _record_id("response", url)})
             w.write_record(req)
             w.write_record(resp)
 
@@ -122,12 +133,14 @@ def _write_wet(path: Path, pages, when: dt.datetime) -> None:
         for i, (url, _, text) in enumerate(pages):
             date = (when + dt.timedelta(seconds=i)).strftime("%Y-%m-%dT%H:%M:%SZ")
             rec = w.create_warc_record(url, "conversion", payload=io.BytesIO(text.encode("utf-8")),
-                                       warc_headers_dict={"WARC-Date": date, "Content-Type": "text/plain"})
+                                       warc_headers_dict={"WARC-Date": date, "Content-Type": "text/plain",
+                                                          "WARC-Record-ID": _record_id("conversion", url)})
             w.write_record(rec)
 
 
 def build_mirror(root: str, files: int = 4, crawl: str = DEMO_CRAWL) -> dict:
-    """Write the mirror under `root`; returns a summary. Deterministic apart from record ids."""
+    """Write the mirror under `root`; returns a summary. Deterministic: the same bytes on every
+    build with the same Python (its documentation is the text)."""
     out = Path(root)
     pages = _topic_pages() + _module_pages()
     if len(pages) < files:

@@ -121,6 +121,12 @@ def test_demo_mirror_and_wet_format(tmp_path):
     assert wet.version != warc.version
     assert set(wet.metrics["records_by_type"]) == {"conversion"}
     assert all(f["path"].endswith(".warc.wet.gz") for f in wet.files)
+    # the mirror is the same bytes on every build (record ids too): the demo's results are too
+    r = run_cli("demo-mirror", str(tmp_path / "again"), "--files", "3")
+    assert r.returncode == 0, r.stderr
+    built = {p.relative_to(tmp_path / "mirror"): sha256(p) for p in (tmp_path / "mirror").rglob("*") if p.is_file()}
+    again = {p.relative_to(tmp_path / "again"): sha256(p) for p in (tmp_path / "again").rglob("*") if p.is_file()}
+    assert built == again and len(built) >= 9
 
 
 def test_local_files_and_s3_lake(shared_data, s3_endpoint, originals):
