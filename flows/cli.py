@@ -182,7 +182,7 @@ def _run_flow(fn, *args, **kwargs) -> str:
     except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError) as e:
         raise RunFailed(str(e)) from None
     except Exception as e:
-        from model.train import is_storage_error
+        from model.process import is_storage_error
 
         if not is_storage_error(e):
             raise

@@ -40,6 +40,7 @@ from safetensors.torch import save as save_safetensors
 
 from model.data import ShardLoader, read_meta, shard_files
 from model.gpt import GPT, PRESETS, config_from_preset
+from model.process import die_with_parent, is_storage_error
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -673,21 +674,6 @@ def write_final(a, d, s, raw, history, step, tokens_seen) -> None:
     # timings are on stdout, where the launcher collects them.
     write_bytes(fs, f"{root}/metrics.json", json.dumps(metrics, indent=1).encode())
     note(d, f"done: {root}/final")
-
-
-def is_storage_error(e: BaseException) -> bool:
-    """An OSError, or an error of the S3 client stack that is not one (botocore, aiohttp)."""
-    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs")
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies. A stage killed with -9 must not leave
-    a launcher or workers behind, writing checkpoints next to the rerun's."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def main(argv=None) -> int:

@@ -119,7 +119,7 @@ def torchrun_env(params: PretrainParams) -> dict[str, str]:
 def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None], env: dict | None = None) -> None:
     """Run torchrun in its own process group, streaming its output as it comes; on timeout
     or cancellation (KeyboardInterrupt, Prefect's cancel) kill the whole group."""
-    from model.train import die_with_parent
+    from model.process import die_with_parent
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True, preexec_fn=die_with_parent, env={**os.environ, **(env or {})},
@@ -238,11 +238,12 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         tokenizer = lake.file_uri(source, "tokenizer.model")
         cmd = torchrun_command(params, data, out, tokenizer)
         # a quick check of the inputs first: bad shapes and vocabularies fail before the launch
+        env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
         check = subprocess.run([sys.executable, "-m", "model.train", "--data", data, "--out", out,
                                 "--tokenizer", tokenizer, *params.train_args(), "--check"],
                                capture_output=True, text=True,
                                # the world size torchrun will give: a resume check compares like with like
-                               env={**os.environ, **torchrun_env(params), "RANK": "0",
+                               env={**os.environ, **env, "RANK": "0",
                                     "WORLD_SIZE": str(params.nproc_per_node * params.nnodes)},
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if check.returncode != 0:
@@ -250,7 +251,7 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
             raise PretrainError(msg[-1] if msg else f"model.train --check failed ({check.returncode})")
         log("launching: " + " ".join(cmd))
         progress = _Progress(params.max_steps, log)
-        run_torchrun(cmd, params.timeout_s, progress, env=torchrun_env(params))
+        run_torchrun(cmd, params.timeout_s, progress, env=env)
         with lake.fs.open(prod.path("metrics.json"), "rb") as f:
             history = json.load(f)
         history = history.get("history", history) if isinstance(history, dict) else history
