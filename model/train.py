@@ -340,7 +340,15 @@ def load_checkpoint(d, fs, path, raw, optimizer) -> tuple[dict, dict]:
     model_sd = dict(sorted(load_safetensors(read_bytes(fs, f"{path}/model.safetensors")).items()))
     set_model_state_dict(raw, model_sd, options=state_dict_options())
     optim_sd = torch_load_safe(fs, f"{path}/optimizer.pt")
+    built = [dict(g) for g in optimizer.param_groups]
     set_optimizer_state_dict(raw, optimizer, optim_sd, options=state_dict_options())
+    # set_optimizer_state_dict hands back tuple hyperparameters (AdamW's betas) as lists; restore
+    # the types the optimizer was built with, or the next optimizer.pt differs in bytes from an
+    # uninterrupted run's (the random SIGKILL test compares them)
+    for group, fresh in zip(optimizer.param_groups, built):
+        for k, v in fresh.items():
+            if isinstance(v, tuple) and isinstance(group.get(k), list):
+                group[k] = tuple(group[k])
     rank_state = torch_load_safe(fs, f"{path}/rank-{d.rank:05d}.pt")
     trainer_state = json.loads(read_bytes(fs, f"{path}/trainer.json"))
     return rank_state, trainer_state

@@ -194,6 +194,11 @@ def test_sigkill_then_resume_matches(shards, full_run, tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(out / "final" / "model.safetensors"), load_file(full_run[0] / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # every checkpoint written after the resume is byte-identical to the uninterrupted run's,
+    # the optimizer state included (a resumed AdamW once saved its betas as a list, not a tuple)
+    for ckpt in ("step-000020", "step-000030"):
+        for f in sorted((full_run[0] / "checkpoints" / ckpt).iterdir()):
+            assert (out / "checkpoints" / ckpt / f.name).read_bytes() == f.read_bytes(), f"{ckpt}/{f.name}"
 
 
 def test_sample(full_run):
