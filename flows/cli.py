@@ -7,8 +7,10 @@ Prefect is imported only by the commands that run flows, so `artifacts` answers 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from typing import Sequence
 
@@ -174,12 +176,13 @@ def _run_flow(fn, *args, **kwargs) -> str:
     from tasks.download import DownloadError
     from tasks.filter import FilterError
     from tasks.pretrain import PretrainError
+    from tasks.stage import TaskDied
     from tasks.tokenizer import TokenizerError
     from tasks.warc import WarcError
 
     try:
         return fn(*args, **kwargs)
-    except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError) as e:
+    except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError, TaskDied) as e:
         raise RunFailed(str(e)) from None
     except Exception as e:
         from model.process import is_storage_error
@@ -191,6 +194,42 @@ def _run_flow(fn, *args, **kwargs) -> str:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RunFailed(f"storage error in lake {kwargs.get('lake_url')}: {type(e).__name__}: {msg} "
                         "(no partial version was committed; rerun the same command to resume)") from None
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """The Prefect API for a command's flows: PREFECT_API_URL when set, else a temporary server
+    on loopback. Prefect would start one itself, but its own outlives a SIGKILL of the command
+    (say, by the out-of-memory killer) and idles on its port for good; this one is started the
+    same way from the main thread, which lives as long as the process, with PR_SET_PDEATHSIG.
+    It takes Prefect's own slot (the ephemeral server is a singleton), so every thread that
+    asks Prefect for a client gets this server."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, get_current_settings
+
+    from model.process import die_with_parent
+
+    class DiesWithUs(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:  # Prefect 3.9's, plus preexec_fn
+            import prefect
+
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                 "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline: no telemetry, unless asked
+                     **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                preexec_fn=die_with_parent)
+
+    if PREFECT_API_URL.value() or None in SubprocessASGIServer._instances:
+        yield
+        return
+    # registered under Prefect's key for the ephemeral server; start() stops it at exit, after
+    # Prefect's own exit handlers have sent the last logs
+    DiesWithUs().start()
+    yield
 
 
 def _print_summary(m) -> None:
@@ -500,13 +539,20 @@ def build_parser() -> Parser:
     return p
 
 
+FLOW_COMMANDS = (cmd_demo, cmd_run, cmd_stage_download, cmd_stage_filter, cmd_stage_dedup, cmd_stage_tokenizer,
+                 cmd_stage_shard, cmd_stage_pretrain)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.s3_endpoint:
             os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-        lake = Lake(args.lake)
-        return args.func(lake, args)
+        with contextlib.ExitStack() as stack:
+            # a Secret block for the lake's credentials is read through the Prefect API too
+            if args.func in FLOW_COMMANDS or os.environ.get("CRAWL2MODEL_S3_SECRET_BLOCK"):
+                stack.enter_context(prefect_api())
+            return args.func(Lake(args.lake), args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

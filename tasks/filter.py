@@ -17,7 +17,7 @@ from typing import Callable, Literal
 from pydantic import Field, field_validator
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, Strict, in_prefect_run, run_stage
+from tasks.stage import StageParams, Strict, TaskDied, in_prefect_run, run_stage
 
 CODE_VERSION = "filter/2"
 
@@ -191,17 +191,19 @@ def funnel_markdown(funnel: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str = "datatrove") -> None:
+def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str | None = None) -> None:
     """Run a datatrove pipeline on the local executor (completion markers in `logs_folder`, so a
     rerun skips finished tasks), showing finished tasks as a progress bar and artifact."""
+    if title is None:  # <lake>/<kind>/<version>/_work/logs/<step>: "dedup@<version> exact-1"
+        kind, version, *_, step = logs_folder.path.rstrip("/").split("/")[-5:]
+        title = f"{kind}@{version} {step}"
     import threading
 
-    from datatrove.executor import LocalPipelineExecutor
-
     from tasks.progress import Progress
+    from tasks.steps import OneProcessPerTask
 
-    executor = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                     logging_dir=logs_folder, skip_completed=True)
+    executor = OneProcessPerTask(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+                                  logging_dir=logs_folder, skip_completed=True)
     stop = threading.Event()
     with Progress(title, files=tasks, unit="tasks") as progress:
         def poll() -> None:
@@ -219,6 +221,8 @@ def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: 
         watcher.start()
         try:
             executor.run()
+        except TaskDied as e:
+            raise TaskDied(f"{title}: {e}") from None
         finally:
             stop.set()
             watcher.join()
@@ -249,7 +253,7 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
             pipeline = build_pipeline(params, DataFolder(lake.path(source.kind, source.version), fs=lake.fs),
                                       paths_file, folder("data"), folder("removed"),
                                       source.params.get("crawl", "") or "")
-            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), f"filter {prod.ref}")
+            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref)
         funnel, counters = read_stats(folder("_work/logs"))
         prod.metrics.update({"funnel": funnel_rows(funnel), "documents": funnel[-1]["documents"],
                              "bytes": funnel[-1]["bytes"], "reader": counters.get("🕷 WARC html", {}),

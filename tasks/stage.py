@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.lake import Lake, Manifest, Production
 
 
+class TaskDied(RuntimeError):
+    """A worker process of a stage ended without finishing its task (killed, or crashed in C)."""
+
+
 class Strict(BaseModel):
     """Unknown fields are an error, not silently ignored."""
 

@@ -10,6 +10,8 @@
   of 64-bit hashes (~40 MB) instead of a Python set (~825 MB), and tldextract kept offline.
 - `Meter`: counts documents and bytes passing a point: the funnel.
 - `RemovedSample`: a capped, deterministic sample of what a filter removed, with the reason.
+- `OneProcessPerTask`: datatrove's local executor, with a task whose process dies ending the
+  stage with an error instead of hanging it.
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import os
 import re
 import tarfile
 import zlib
+
+import multiprocess
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.url_filter import URLFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.writers.parquet import ParquetWriter
+from datatrove.utils.logging import logger
+from multiprocess.connection import wait
+from multiprocess.pool import RemoteTraceback
+
+from tasks.stage import TaskDied
 
 MAX_HTML_BYTES = 4 << 20  # pages above this are counted and skipped: extraction time must stay bounded
 
@@ -356,3 +366,93 @@ def document_adapter(self, doc: Document) -> dict:
     return {"id": doc.id, "text": doc.text, "url": m.get("url", ""), "crawl": m.get("crawl", ""),
             "date": m.get("date", ""), "language": m.get("language", ""),
             "language_score": float(m.get("language_score", 0.0)), "extractor": m.get("extractor", "")}
+
+
+# -- running a pipeline ----------------------------------------------------------------
+
+def _run_task(executor, rank: int, slot: int, stage) -> None:
+    """One datatrove task, in a process of its own. `stage` is a socket to the stage process:
+    an exception goes back through it, and its closing means the stage died, so the task dies
+    too instead of writing on beside a rerun (its parent is the forkserver, which lives on as
+    long as any task does, so PR_SET_PDEATHSIG would not fire)."""
+    import signal
+    import threading
+    import traceback
+
+    def die_with_stage() -> None:
+        stage.poll(None)  # the stage never writes: this returns when its end closes
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=die_with_stage, name="die-with-stage", daemon=True).start()
+    try:
+        executor._run_for_rank(rank, slot)
+    except BaseException as e:
+        tb = "".join(traceback.format_exception(e))[-20_000:]
+        try:
+            stage.send((e, tb))
+        except Exception:  # an exception that does not pickle: its text is enough
+            stage.send((RuntimeError(f"{type(e).__name__}: {e}"), tb))
+        os._exit(1)
+
+
+class OneProcessPerTask(LocalPipelineExecutor):
+    """datatrove's local executor with each task in a process of its own instead of a
+    multiprocessing Pool. A Pool whose worker is killed (the out-of-memory killer) waits
+    forever for that worker's task, so the stage hung; here the death ends the stage at once
+    with an error naming the task, and a rerun redoes only the unfinished tasks. No Manager
+    process either: nothing is left behind when the stage itself is killed."""
+
+    def run(self):
+        ranks = self.get_incomplete_ranks(range(self.tasks))
+        if not ranks:
+            logger.info(f"Not doing anything as all {self.tasks} tasks have already been completed.")
+            return
+        self.save_executor_as_json()
+        done = self.tasks - len(ranks)
+        if done:
+            logger.info(f"Skipping {done} already completed tasks")
+        ctx = multiprocess.get_context(self.start_method)
+        free_slots = list(range(self.workers))  # datatrove's local_rank: only slot 0 logs to the console
+        running = {}  # process sentinel -> (rank, slot, process, report pipe)
+        try:
+            while ranks or running:
+                while ranks and free_slots:
+                    rank, slot = ranks.pop(0), free_slots.pop(0)
+                    receive, task_end = ctx.Pipe()  # a socket pair: see _run_task
+                    proc = ctx.Process(target=_run_task, args=(self, rank, slot, task_end),
+                                       name=f"datatrove-task-{rank}", daemon=True)
+                    proc.start()
+                    task_end.close()
+                    running[proc.sentinel] = (rank, slot, proc, receive)
+                # an exception report can exceed a pipe's buffer: read pipes as they fill
+                ready = wait([*running, *(r[3] for r in running.values())])
+                for sentinel in [s for s in running if s in ready or running[s][3] in ready]:
+                    rank, slot, proc, receive = running[sentinel]
+                    error = None
+                    if receive.poll():
+                        try:
+                            error = receive.recv()
+                        except EOFError:  # it ended without a word: the exit code says how
+                            pass
+                    elif sentinel not in ready:
+                        continue
+                    proc.join()
+                    del running[sentinel]
+                    receive.close()
+                    free_slots.append(slot)
+                    if error is not None:
+                        exc, tb = error
+                        raise exc from RemoteTraceback(tb)
+                    if proc.exitcode != 0:
+                        how = (f"was killed by signal {-proc.exitcode}" +
+                               (" (SIGKILL: the out-of-memory killer?)" if proc.exitcode == -9 else "")
+                               if proc.exitcode < 0 else f"exited with status {proc.exitcode}")
+                        raise TaskDied(f"datatrove task {rank} of {self.tasks} {how}; the tasks "
+                                       f"that finished are kept, rerun to resume")
+                    done += 1
+                    logger.info(f"{done}/{self.tasks} tasks completed.")
+        finally:
+            for _, _, proc, receive in running.values():
+                proc.kill()
+                proc.join()
+                receive.close()

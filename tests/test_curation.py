@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -183,36 +181,6 @@ def test_invalid_filter_parameters_fail_before_work(tmp_path, shared_data):
     assert Lake(str(lake)).versions("filter") == []
 
 
-def test_killed_filter_resumes_to_the_same_output(curated, shared_data, tmp_path):
-    """SIGKILL mid-run, rerun: the finished tasks are skipped and the output is identical to an
-    uninterrupted run's (same version, same file hashes)."""
-    lake_dir = tmp_path / "lake"
-    lake = Lake(str(lake_dir))
-    files = sorted(str(p) for p in (shared_data / "warc").iterdir()) + [str(curated["work"] / "zz-planted.warc.gz")]
-    dl = download(lake, DownloadParams(files=files))
-    assert dl.version == curated["download"].version
-    # a separate uninterrupted reference with 4 tasks
-    ref_lake = Lake(str(tmp_path / "ref"))
-    download(ref_lake, DownloadParams(files=files))
-    reference = filter_documents(ref_lake, FilterParams(tasks=4, workers=1), log=lambda m: None)
-    proc = subprocess.Popen([str(BIN / "crawl2model"), "--lake", str(lake_dir), "stage", "filter",
-                             "--tasks", "4", "--workers", "1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")})
-    marker = lake_dir / "filter" / reference.version / "_work" / "logs" / "completions"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (marker.exists() and len(os.listdir(marker)) >= 1):
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(os.listdir(marker))
-    assert 1 <= done_before < 4 and lake.versions("filter") == []
-    resumed = filter_documents(lake, FilterParams(tasks=4, workers=1), log=lambda m: None)
-    assert resumed.version == reference.version
-    assert [(f["path"], f["sha256"]) for f in resumed.files] == [(f["path"], f["sha256"]) for f in reference.files]
-    assert resumed.metrics["funnel"] == reference.metrics["funnel"]
-
-
 def _netns_available() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
@@ -229,9 +197,14 @@ def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
                 out.write(fh.read())
     cmd = (f"ip link set lo up; {BIN}/crawl2model --lake {lake} stage filter --tasks 2 && "
            f"{BIN}/crawl2model --lake {lake} stage dedup --tasks 2")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HTTP", "http"))}
+    # a user's environment: not the suite's PREFECT_SERVER_ANALYTICS_ENABLED=false, which hid that
+    # the CLI's temporary Prefect server tried to send telemetry on every command
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HF_", "HTTP", "http")) and k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
     r = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=600,
                        env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 0, r.stderr[-3000:]
+    for attempt in ("telemetry", "Name or service not known", "Network is unreachable"):
+        assert attempt not in r.stdout + r.stderr, attempt
     out = Lake(str(lake))
     assert out.resolve("dedup").metrics["documents"] == curated["dedup"].metrics["documents"]

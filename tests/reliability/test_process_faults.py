@@ -26,10 +26,43 @@ def stage_seconds(log: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r" - (\w+) -> \w+@[0-9a-f]{16} \(([\d.]+)s\)", log)}
 
 
-def orphans(lake_dir: Path) -> list[str]:
-    """Processes still working on this lake (their command line names it)."""
-    r = subprocess.run(["pgrep", "-af", str(lake_dir)], capture_output=True, text=True)
-    return [line for line in r.stdout.splitlines() if "pgrep" not in line]
+def descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every process below `root` by parent pid: torchrun's own session,
+    datatrove's forkserver and its tasks, Prefect's temporary server."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), fields[19]))
+    found, todo = {}, [root]
+    while todo:
+        for pid, start in children.get(todo.pop(), []):
+            found[pid] = start
+            todo.append(pid)
+    return found
+
+
+def still_running(procs: dict[int, str]) -> list[str]:
+    """Those of `procs` alive now (same pid and start time, not a zombie), with their command."""
+    alive = []
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            alive.append(f"{pid} {cmd}")
+    return alive
+
+
+def none_left(procs: dict[int, str], why: str, within: float = 10) -> None:
+    deadline = time.time() + within
+    while (left := still_running(procs)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes outlived the killed stage: {left} {why}"
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -57,13 +90,10 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_run(stage,
         assert proc.poll() is None and time.time() < deadline, f"{stage} never started producing {why}"
         time.sleep(0.05)
     time.sleep(delay)
+    below = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)  # the stage and its group (datatrove's workers)
     proc.wait()
-    # torchrun runs in a session of its own: it and its workers must die with the stage
-    deadline = time.time() + 10
-    while (left := orphans(lake_dir)) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes outlived the killed stage: {left} {why}"
+    none_left(below, why)  # torchrun runs in a session of its own: it must die with the stage
 
     # Nothing half-written is visible: either no version, or the complete one.
     for m in lake.versions(stage):
@@ -81,3 +111,81 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_run(stage,
     assert not leftovers, f"{leftovers} {why}"
     if killed_before_commit:
         assert "built now" in r.stdout, why
+
+
+def datatrove_task(stage_pid: int, deadline: float) -> int:
+    """The pid of a running datatrove task below the stage (a child of the forkserver)."""
+    while time.time() < deadline:
+        for pid in descendants(stage_pid):
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if b"multiprocess.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                continue
+        time.sleep(0.02)
+    raise AssertionError("no datatrove task process appeared")
+
+
+def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_processes(
+        demo_local_run, demo_mirror, tmp_path):
+    """What the out-of-memory killer does: SIGKILL one process, not a group. (1) A datatrove task
+    killed: the stage ends at once with an error naming it (a multiprocessing Pool waited for it
+    forever). (2) The stage's main process alone killed: its tasks, the forkserver and Prefect's
+    temporary server die with it (they ran on; the tasks kept writing beside a rerun). (3) The
+    rerun skips the finished tasks and produces the uninterrupted run's version, byte for byte."""
+    ref_url, _ = demo_local_run
+    reference = Lake(ref_url).resolve("filter")
+    lake_dir = tmp_path / "lake"
+    lake = Lake(str(lake_dir))
+    for upstream in reference.inputs:
+        copy_version(Lake(ref_url), lake, upstream)
+    cmd = [str(BIN / "crawl2model"), "--lake", str(lake_dir), "run", "--preset", "demo", *QUICK,
+           "--from", "filter", "--to", "filter"]
+    completions = lake_dir / "filter" / reference.version / "_work" / "logs" / "completions"
+
+    def start():
+        log = open(tmp_path / "stderr", "w+")  # a file, not a pipe nobody reads while we wait
+        return subprocess.Popen(cmd, cwd=demo_mirror.parent, stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True)
+
+    # (1) one task killed
+    proc = start()
+    os.kill(datatrove_task(proc.pid, time.time() + 120), signal.SIGKILL)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the stage hung after one of its datatrove tasks was killed")
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1, err[-3000:]
+    last = [line for line in err.splitlines() if line.startswith("error:")][-1]
+    assert last.startswith(f"error: filter@{reference.version}: datatrove task ") and \
+        "was killed by signal 9" in last and "rerun to resume" in last, last
+    assert lake.versions("filter") == []
+
+    # (2) the stage's main process alone killed, once a task has finished and another runs
+    proc = start()
+    deadline = time.time() + 120
+    while not (completions.exists() and any(completions.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "no task finished"
+        time.sleep(0.05)
+    datatrove_task(proc.pid, deadline)
+    below = descendants(proc.pid)
+    assert any(b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes() for p in below if Path(f"/proc/{p}").exists())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    none_left(below, "(after SIGKILL of the stage's main process only)")
+    assert lake.versions("filter") == []
+
+    # (3) the rerun
+    finished = len(list(completions.iterdir()))
+    r = subprocess.run(cmd, cwd=demo_mirror.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert finished >= 1
+    skipped = f"Skipping {finished} already completed tasks" if finished < 4 else "all 4 tasks have already"
+    assert skipped in r.stderr, r.stderr[-3000:]
+    again = lake.resolve("filter")
+    assert again.version == reference.version
+    assert {f["path"]: f["sha256"] for f in again.files} == {f["path"]: f["sha256"] for f in reference.files}
+    assert again.metrics["funnel"] == reference.metrics["funnel"]
