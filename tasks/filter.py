@@ -200,9 +200,9 @@ def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: 
     import threading
 
     from tasks.progress import Progress
-    from tasks.steps import OneProcessPerTask
+    from tasks.steps import FailFastExecutor
 
-    executor = OneProcessPerTask(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+    executor = FailFastExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
                                   logging_dir=logs_folder, skip_completed=True)
     stop = threading.Event()
     with Progress(title, files=tasks, unit="tasks") as progress:

@@ -10,8 +10,8 @@
   of 64-bit hashes (~40 MB) instead of a Python set (~825 MB), and tldextract kept offline.
 - `Meter`: counts documents and bytes passing a point: the funnel.
 - `RemovedSample`: a capped, deterministic sample of what a filter removed, with the reason.
-- `OneProcessPerTask`: datatrove's local executor, with a task whose process dies ending the
-  stage with an error instead of hanging it.
+- `FailFastExecutor`: datatrove's local executor, where a worker that dies (the out-of-memory
+  killer) ends the stage with an error instead of hanging it, and workers die with the stage.
 """
 
 from __future__ import annotations
@@ -370,37 +370,43 @@ def document_adapter(self, doc: Document) -> dict:
 
 # -- running a pipeline ----------------------------------------------------------------
 
-def _run_task(executor, rank: int, slot: int, stage) -> None:
-    """One datatrove task, in a process of its own. `stage` is a socket to the stage process:
-    an exception goes back through it, and its closing means the stage died, so the task dies
-    too instead of writing on beside a rerun (its parent is the forkserver, which lives on as
-    long as any task does, so PR_SET_PDEATHSIG would not fire)."""
+def _worker(executor, slot: int, stage, alive) -> None:
+    """A process that runs the datatrove tasks the stage sends it (ranks over `stage`, a socket),
+    one at a time, answering None when a task is done or (exception, traceback) when it failed.
+    `alive` closes when the stage dies, and then this process dies too instead of writing on
+    beside a rerun (its parent is the forkserver, which lives as long as any of its clients, so
+    PR_SET_PDEATHSIG would not fire)."""
     import signal
     import threading
     import traceback
+    from copy import deepcopy
 
     def die_with_stage() -> None:
-        stage.poll(None)  # the stage never writes: this returns when its end closes
+        alive.poll(None)  # the stage never writes to it: this returns when its end closes
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=die_with_stage, name="die-with-stage", daemon=True).start()
-    try:
-        executor._run_for_rank(rank, slot)
-    except BaseException as e:
-        tb = "".join(traceback.format_exception(e))[-20_000:]
+    pipeline = executor.pipeline
+    while (rank := stage.recv()) is not None:
+        executor.pipeline = deepcopy(pipeline)  # no step state carried from one task to the next
         try:
-            stage.send((e, tb))
-        except Exception:  # an exception that does not pickle: its text is enough
-            stage.send((RuntimeError(f"{type(e).__name__}: {e}"), tb))
-        os._exit(1)
+            executor._run_for_rank(rank, slot)
+        except BaseException as e:
+            tb = "".join(traceback.format_exception(e))[-20_000:]
+            try:
+                stage.send((e, tb))
+            except Exception:  # an exception that does not pickle: its text is enough
+                stage.send((RuntimeError(f"{type(e).__name__}: {e}"), tb))
+            os._exit(1)
+        stage.send(None)
 
 
-class OneProcessPerTask(LocalPipelineExecutor):
-    """datatrove's local executor with each task in a process of its own instead of a
-    multiprocessing Pool. A Pool whose worker is killed (the out-of-memory killer) waits
-    forever for that worker's task, so the stage hung; here the death ends the stage at once
-    with an error naming the task, and a rerun redoes only the unfinished tasks. No Manager
-    process either: nothing is left behind when the stage itself is killed."""
+class FailFastExecutor(LocalPipelineExecutor):
+    """datatrove's local executor, with worker processes of our own instead of a multiprocessing
+    Pool. A Pool whose worker is killed (the out-of-memory killer) waits forever for that
+    worker's task, so the stage hung; here the death ends the stage at once with an error naming
+    the task, and a rerun redoes only the unfinished tasks. No Manager process either, and the
+    workers die with the stage: nothing is left behind when the stage itself is killed."""
 
     def run(self):
         ranks = self.get_incomplete_ranks(range(self.tasks))
@@ -412,47 +418,56 @@ class OneProcessPerTask(LocalPipelineExecutor):
         if done:
             logger.info(f"Skipping {done} already completed tasks")
         ctx = multiprocess.get_context(self.start_method)
-        free_slots = list(range(self.workers))  # datatrove's local_rank: only slot 0 logs to the console
-        running = {}  # process sentinel -> (rank, slot, process, report pipe)
+        alive, alive_for_workers = ctx.Pipe()
+        running = {}  # socket to a worker -> [process, the rank it runs]
         try:
-            while ranks or running:
-                while ranks and free_slots:
-                    rank, slot = ranks.pop(0), free_slots.pop(0)
-                    receive, task_end = ctx.Pipe()  # a socket pair: see _run_task
-                    proc = ctx.Process(target=_run_task, args=(self, rank, slot, task_end),
-                                       name=f"datatrove-task-{rank}", daemon=True)
-                    proc.start()
-                    task_end.close()
-                    running[proc.sentinel] = (rank, slot, proc, receive)
-                # an exception report can exceed a pipe's buffer: read pipes as they fill
-                ready = wait([*running, *(r[3] for r in running.values())])
-                for sentinel in [s for s in running if s in ready or running[s][3] in ready]:
-                    rank, slot, proc, receive = running[sentinel]
-                    error = None
-                    if receive.poll():
+            # slot: datatrove's local_rank; only slot 0 logs to the console
+            for slot in range(min(self.workers, len(ranks))):
+                stage, worker_end = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(self, slot, worker_end, alive_for_workers),
+                                   name=f"datatrove-worker-{slot}", daemon=True)
+                proc.start()
+                worker_end.close()
+                rank = ranks.pop(0)
+                stage.send(rank)
+                running[stage] = [proc, rank]
+            alive_for_workers.close()
+            while running:
+                # read answers and deaths alike: an exception's report can exceed a pipe's buffer
+                ready = set(wait([*running, *(p.sentinel for p, _ in running.values())]))
+                for stage in [c for c, (p, _) in running.items() if c in ready or p.sentinel in ready]:
+                    proc, rank = running[stage]
+                    try:
+                        answer = stage.recv() if stage.poll() else "died"
+                    except (EOFError, OSError):  # closed, or reset by a process killed mid-write
+                        answer = "died"
+                    if answer is None:  # done: the next task, or the end
+                        done += 1
+                        logger.info(f"{done}/{self.tasks} tasks completed.")
+                        rank = running[stage][1] = ranks.pop(0) if ranks else None
                         try:
-                            error = receive.recv()
-                        except EOFError:  # it ended without a word: the exit code says how
-                            pass
-                    elif sentinel not in ready:
-                        continue
+                            stage.send(rank)
+                        except OSError:  # killed between two tasks
+                            answer = "died"
+                        else:
+                            if rank is not None:
+                                continue
                     proc.join()
-                    del running[sentinel]
-                    receive.close()
-                    free_slots.append(slot)
-                    if error is not None:
-                        exc, tb = error
+                    del running[stage]
+                    stage.close()
+                    if isinstance(answer, tuple):
+                        exc, tb = answer
                         raise exc from RemoteTraceback(tb)
-                    if proc.exitcode != 0:
-                        how = (f"was killed by signal {-proc.exitcode}" +
-                               (" (SIGKILL: the out-of-memory killer?)" if proc.exitcode == -9 else "")
-                               if proc.exitcode < 0 else f"exited with status {proc.exitcode}")
+                    if rank is not None and answer == "died":
+                        code = proc.exitcode
+                        how = (f"was killed by signal {-code}" +
+                               (" (SIGKILL: the out-of-memory killer?)" if code == -9 else "")
+                               if code < 0 else f"exited with status {code}")
                         raise TaskDied(f"datatrove task {rank} of {self.tasks} {how}; the tasks "
                                        f"that finished are kept, rerun to resume")
-                    done += 1
-                    logger.info(f"{done}/{self.tasks} tasks completed.")
         finally:
-            for _, _, proc, receive in running.values():
+            alive.close()
+            for stage, (proc, _) in running.items():
                 proc.kill()
                 proc.join()
-                receive.close()
+                stage.close()

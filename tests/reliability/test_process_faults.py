@@ -113,8 +113,8 @@ def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_run(stage,
         assert "built now" in r.stdout, why
 
 
-def datatrove_task(stage_pid: int, deadline: float) -> int:
-    """The pid of a running datatrove task below the stage (a child of the forkserver)."""
+def datatrove_worker(stage_pid: int, deadline: float) -> int:
+    """The pid of a datatrove worker below the stage (a child of the forkserver), running a task."""
     while time.time() < deadline:
         for pid in descendants(stage_pid):
             try:
@@ -124,12 +124,12 @@ def datatrove_task(stage_pid: int, deadline: float) -> int:
             except OSError:
                 continue
         time.sleep(0.02)
-    raise AssertionError("no datatrove task process appeared")
+    raise AssertionError("no datatrove worker appeared")
 
 
 def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_processes(
         demo_local_run, demo_mirror, tmp_path):
-    """What the out-of-memory killer does: SIGKILL one process, not a group. (1) A datatrove task
+    """What the out-of-memory killer does: SIGKILL one process, not a group. (1) A datatrove worker
     killed: the stage ends at once with an error naming it (a multiprocessing Pool waited for it
     forever). (2) The stage's main process alone killed: its tasks, the forkserver and Prefect's
     temporary server die with it (they ran on; the tasks kept writing beside a rerun). (3) The
@@ -151,7 +151,7 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
 
     # (1) one task killed
     proc = start()
-    os.kill(datatrove_task(proc.pid, time.time() + 120), signal.SIGKILL)
+    os.kill(datatrove_worker(proc.pid, time.time() + 120), signal.SIGKILL)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -170,7 +170,7 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
     while not (completions.exists() and any(completions.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "no task finished"
         time.sleep(0.05)
-    datatrove_task(proc.pid, deadline)
+    datatrove_worker(proc.pid, deadline)
     below = descendants(proc.pid)
     assert any(b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes() for p in below if Path(f"/proc/{p}").exists())
     os.kill(proc.pid, signal.SIGKILL)
