@@ -7,7 +7,6 @@ Prefect is imported only by the commands that run flows, so `artifacts` answers 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -180,6 +179,7 @@ def _run_flow(fn, *args, **kwargs) -> str:
     from tasks.tokenizer import TokenizerError
     from tasks.warc import WarcError
 
+    prefect_api()  # after the parameters were validated: bad input costs no server start
     try:
         return fn(*args, **kwargs)
     except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError, TaskDied) as e:
@@ -196,8 +196,7 @@ def _run_flow(fn, *args, **kwargs) -> str:
                         "(no partial version was committed; rerun the same command to resume)") from None
 
 
-@contextlib.contextmanager
-def prefect_api():
+def prefect_api() -> None:
     """The Prefect API for a command's flows: PREFECT_API_URL when set, else a temporary server
     on loopback. Prefect would start one itself, but its own outlives a SIGKILL of the command
     (say, by the out-of-memory killer) and idles on its port for good; this one is started the
@@ -224,12 +223,10 @@ def prefect_api():
                 preexec_fn=die_with_parent)
 
     if PREFECT_API_URL.value() or None in SubprocessASGIServer._instances:
-        yield
         return
     # registered under Prefect's key for the ephemeral server; start() stops it at exit, after
     # Prefect's own exit handlers have sent the last logs
     DiesWithUs().start()
-    yield
 
 
 def _print_summary(m) -> None:
@@ -539,20 +536,14 @@ def build_parser() -> Parser:
     return p
 
 
-FLOW_COMMANDS = (cmd_demo, cmd_run, cmd_stage_download, cmd_stage_filter, cmd_stage_dedup, cmd_stage_tokenizer,
-                 cmd_stage_shard, cmd_stage_pretrain)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.s3_endpoint:
             os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
-        with contextlib.ExitStack() as stack:
-            # a Secret block for the lake's credentials is read through the Prefect API too
-            if args.func in FLOW_COMMANDS or os.environ.get("CRAWL2MODEL_S3_SECRET_BLOCK"):
-                stack.enter_context(prefect_api())
-            return args.func(Lake(args.lake), args)
+        if os.environ.get("CRAWL2MODEL_S3_SECRET_BLOCK"):
+            prefect_api()  # the lake's credentials come through the Prefect API
+        return args.func(Lake(args.lake), args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
