@@ -19,3 +19,17 @@ def die_with_parent() -> None:
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def how_it_ended(exit_code: int) -> str:
+    """'was killed by SIGKILL (the out-of-memory killer?)' or 'exited with status 3': how a
+    process ended, from a Popen-style exit code (negative: the signal)."""
+    import signal
+
+    if exit_code >= 0:
+        return f"exited with status {exit_code}"
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    return f"was killed by {name}" + (" (the out-of-memory killer?)" if -exit_code == signal.SIGKILL else "")

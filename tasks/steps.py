@@ -35,6 +35,7 @@ from datatrove.utils.logging import logger
 from multiprocess.connection import wait
 from multiprocess.pool import RemoteTraceback
 
+from model.process import how_it_ended
 from tasks.stage import TaskDied
 
 MAX_HTML_BYTES = 4 << 20  # pages above this are counted and skipped: extraction time must stay bounded
@@ -459,12 +460,8 @@ class FailFastExecutor(LocalPipelineExecutor):
                         exc, tb = answer
                         raise exc from RemoteTraceback(tb)
                     if rank is not None and answer == "died":
-                        code = proc.exitcode
-                        how = (f"was killed by signal {-code}" +
-                               (" (SIGKILL: the out-of-memory killer?)" if code == -9 else "")
-                               if code < 0 else f"exited with status {code}")
-                        raise TaskDied(f"datatrove task {rank} of {self.tasks} {how}; the tasks "
-                                       f"that finished are kept, rerun to resume")
+                        raise TaskDied(f"datatrove task {rank} of {self.tasks} {how_it_ended(proc.exitcode)}; "
+                                       "the tasks that finished are kept, rerun to resume")
         finally:
             alive.close()
             for stage, (proc, _) in running.items():

@@ -161,7 +161,7 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
     assert proc.returncode == 1, err[-3000:]
     last = [line for line in err.splitlines() if line.startswith("error:")][-1]
     assert last.startswith(f"error: filter@{reference.version}: datatrove task ") and \
-        "was killed by signal 9" in last and "rerun to resume" in last, last
+        "was killed by SIGKILL (the out-of-memory killer?)" in last and "rerun to resume" in last, last
     assert lake.versions("filter") == []
 
     # (2) the stage's main process alone killed, once a task has finished and another runs
@@ -189,3 +189,50 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
     assert again.version == reference.version
     assert {f["path"]: f["sha256"] for f in again.files} == {f["path"]: f["sha256"] for f in reference.files}
     assert again.metrics["funnel"] == reference.metrics["funnel"]
+
+
+@pytest.mark.parametrize("victim", ["rank", "torchrun"])
+def test_a_killed_training_rank_or_launcher_is_a_clear_error_and_takes_the_rest(victim, demo_local_run, demo_mirror,
+                                                                                 tmp_path):
+    """SIGKILL one training rank (the biggest process, so the out-of-memory killer's pick), or the
+    torchrun launcher alone: the stage ends with one line saying which and how, nothing is
+    committed, and no process of the training is left."""
+    ref_url, _ = demo_local_run
+    reference = Lake(ref_url).resolve("pretrain")
+    lake_dir = tmp_path / "lake"
+    lake = Lake(str(lake_dir))
+    for upstream in reference.inputs:
+        copy_version(Lake(ref_url), lake, upstream)
+    cmd = [str(BIN / "crawl2model"), "--lake", str(lake_dir), "run", "--preset", "demo", *QUICK,
+           "--from", "pretrain", "--to", "pretrain"]
+    log = open(tmp_path / "stderr", "w+")
+    proc = subprocess.Popen(cmd, cwd=demo_mirror.parent, stdout=subprocess.DEVNULL, stderr=log,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    launcher = ranks = None
+    while not ranks:  # torchrun and its 2 ranks, training (the --check before launch is not one)
+        assert proc.poll() is None and time.time() < deadline, "training never started"
+        for pid in descendants(proc.pid):
+            try:
+                if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    launcher = pid
+                    ranks = sorted(descendants(pid))
+            except OSError:
+                continue
+        time.sleep(0.05)
+    time.sleep(3)
+    below = descendants(proc.pid)
+    os.kill(ranks[-1] if victim == "rank" else launcher, signal.SIGKILL)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the stage did not end after its {victim} was killed")
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1, err[-3000:]
+    last = [line for line in err.splitlines() if line.startswith("error:")][-1]
+    who = r"rank \d" if victim == "rank" else "torchrun"
+    assert re.fullmatch(rf"error: training failed \(torchrun exit -?\d+\): {who} was killed by SIGKILL \(the "
+                        r"out-of-memory killer\?\); checkpoints written so far are kept, rerun to resume", last), last
+    none_left({p: s for p, s in below.items() if p != proc.pid}, f"(after SIGKILL of the {victim})")
+    assert lake.versions("pretrain") == []
