@@ -203,7 +203,7 @@ def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: 
     from tasks.steps import FailFastExecutor
 
     executor = FailFastExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                  logging_dir=logs_folder, skip_completed=True)
+                                logging_dir=logs_folder, skip_completed=True)
     stop = threading.Event()
     with Progress(title, files=tasks, unit="tasks") as progress:
         def poll() -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,7 +129,8 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
     timer.start()
     tail: list[str] = []
     first_error = None  # model.train prints "error: ..." on bad input; torchrun then adds noise
-    root_cause: dict[str, str] = {}  # torchrun's report of the first rank that failed
+    in_root_cause = False  # inside torchrun's report of the first rank that failed
+    root_cause: dict[str, str] = {}
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -137,8 +138,8 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
             if first_error is None and line.lstrip().startswith("error:"):
                 first_error = line.strip()
             if "Root Cause (first observed failure)" in line:
-                root_cause["seen"] = "yes"
-            elif root_cause and (m := re.search(r"^\s*(rank|exitcode)\s*:\s*(-?\d+)", line)):
+                in_root_cause = True
+            elif in_root_cause and (m := re.search(r"^\s*(rank|exitcode)\s*:\s*(-?\d+)", line)):
                 root_cause.setdefault(m[1], m[2])
             on_line(line)
         rc = proc.wait()
@@ -150,13 +151,15 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
     if rc != 0:
         from model.process import how_it_ended
 
+        killed = None
+        if rc < 0:  # torchrun itself was killed; its ranks die with it (PR_SET_PDEATHSIG)
+            killed = f"torchrun {how_it_ended(rc)}"
+        elif "rank" in root_cause and "exitcode" in root_cause:
+            killed = f"rank {root_cause['rank']} {how_it_ended(int(root_cause['exitcode']))}"
         if first_error:
             why = first_error.removeprefix("error:").strip()
-        elif rc < 0:  # torchrun itself was killed; its ranks die with it (PR_SET_PDEATHSIG)
-            why = f"torchrun {how_it_ended(rc)}; checkpoints written so far are kept, rerun to resume"
-        elif "rank" in root_cause and "exitcode" in root_cause:
-            why = (f"rank {root_cause['rank']} {how_it_ended(int(root_cause['exitcode']))}; "
-                   "checkpoints written so far are kept, rerun to resume")
+        elif killed:
+            why = f"{killed}; checkpoints written so far are kept, rerun to resume"
         else:
             why = " | ".join(tail[-3:])
         raise PretrainError(f"training failed (torchrun exit {rc}): {why}")
