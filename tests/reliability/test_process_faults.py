@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lake import Lake
+from tasks.lake import Lake, Manifest
 from tests.conftest import BIN, QUICK, STAGES, copy_version
 
 SEED = int(os.environ.get("C2M_KILL_SEED", random.randrange(1 << 16)))
@@ -65,23 +65,48 @@ def none_left(procs: dict[int, str], why: str, within: float = 10) -> None:
     assert not left, f"processes outlived the killed stage: {left} {why}"
 
 
+def stage_alone(ref_url: str, stage: str, tmp_path: Path) -> tuple[Manifest, Path, Lake, list[str]]:
+    """A fresh lake holding the reference's inputs of `stage` (by value: the same version is
+    produced), and the command that runs that stage alone on it."""
+    reference = Lake(ref_url).resolve(stage)
+    lake_dir = tmp_path / "lake"
+    lake = Lake(str(lake_dir))
+    for upstream in reference.inputs:
+        copy_version(Lake(ref_url), lake, upstream)
+    cmd = [str(BIN / "crawl2model"), "--lake", str(lake_dir), "run", "--preset", "demo", *QUICK,
+           "--from", stage, "--to", stage]
+    return reference, lake_dir, lake, cmd
+
+
+def start_logged(cmd: list[str], cwd: Path, tmp_path: Path) -> subprocess.Popen:
+    """The command in a session of its own, stderr to a file (not a pipe nobody reads while we wait)."""
+    log = open(tmp_path / "stderr", "w+")
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+
+def error_line_of_failed(proc: subprocess.Popen, tmp_path: Path, what: str, within: float) -> str:
+    """The failed stage's last `error:` line, once it ended (exit 1) within `within` seconds."""
+    try:
+        proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the stage hung after {what}")
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 1, err[-3000:]
+    return [line for line in err.splitlines() if line.startswith("error:")][-1]
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_at_a_random_point_then_rerun_equals_an_uninterrupted_run(stage, demo_local_run, demo_mirror,
                                                                           tmp_path):
     ref_url, ref_run = demo_local_run
-    reference = Lake(ref_url).resolve(stage)
     took = stage_seconds(ref_run.stderr + ref_run.stdout)
     assert stage in took, "the reference run logs each stage's duration"
     rng = random.Random(f"{SEED}-{stage}")
     delay = rng.uniform(0.05, 0.95) * took[stage]
     why = f"(C2M_KILL_SEED={SEED}: killed {delay:.1f}s after its lease appeared)"
 
-    lake_dir = tmp_path / "lake"
-    lake = Lake(str(lake_dir))
-    for upstream in reference.inputs:  # the same inputs, by value: the same version is produced
-        copy_version(Lake(ref_url), lake, upstream)
-    cmd = [str(BIN / "crawl2model"), "--lake", str(lake_dir), "run", "--preset", "demo", *QUICK,
-           "--from", stage, "--to", stage]
+    reference, lake_dir, lake, cmd = stage_alone(ref_url, stage, tmp_path)
     proc = subprocess.Popen(cmd, cwd=demo_mirror.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # its own group: torchrun and datatrove workers die too
     lease = lake_dir / stage / reference.version / "_lease"
@@ -134,38 +159,19 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
     forever). (2) The stage's main process alone killed: its tasks, the forkserver and Prefect's
     temporary server die with it (they ran on; the tasks kept writing beside a rerun). (3) The
     rerun skips the finished tasks and produces the uninterrupted run's version, byte for byte."""
-    ref_url, _ = demo_local_run
-    reference = Lake(ref_url).resolve("filter")
-    lake_dir = tmp_path / "lake"
-    lake = Lake(str(lake_dir))
-    for upstream in reference.inputs:
-        copy_version(Lake(ref_url), lake, upstream)
-    cmd = [str(BIN / "crawl2model"), "--lake", str(lake_dir), "run", "--preset", "demo", *QUICK,
-           "--from", "filter", "--to", "filter"]
+    reference, lake_dir, lake, cmd = stage_alone(demo_local_run[0], "filter", tmp_path)
     completions = lake_dir / "filter" / reference.version / "_work" / "logs" / "completions"
 
-    def start():
-        log = open(tmp_path / "stderr", "w+")  # a file, not a pipe nobody reads while we wait
-        return subprocess.Popen(cmd, cwd=demo_mirror.parent, stdout=subprocess.DEVNULL, stderr=log,
-                                start_new_session=True)
-
     # (1) one task killed
-    proc = start()
+    proc = start_logged(cmd, demo_mirror.parent, tmp_path)
     os.kill(datatrove_worker(proc.pid, time.time() + 120), signal.SIGKILL)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the stage hung after one of its datatrove tasks was killed")
-    err = (tmp_path / "stderr").read_text()
-    assert proc.returncode == 1, err[-3000:]
-    last = [line for line in err.splitlines() if line.startswith("error:")][-1]
+    last = error_line_of_failed(proc, tmp_path, "one of its datatrove tasks was killed", within=60)
     assert last.startswith(f"error: filter@{reference.version}: datatrove task ") and \
         "was killed by SIGKILL (the out-of-memory killer?)" in last and "rerun to resume" in last, last
     assert lake.versions("filter") == []
 
     # (2) the stage's main process alone killed, once a task has finished and another runs
-    proc = start()
+    proc = start_logged(cmd, demo_mirror.parent, tmp_path)
     deadline = time.time() + 120
     while not (completions.exists() and any(completions.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "no task finished"
@@ -197,17 +203,8 @@ def test_a_killed_training_rank_or_launcher_is_a_clear_error_and_takes_the_rest(
     """SIGKILL one training rank (the biggest process, so the out-of-memory killer's pick), or the
     torchrun launcher alone: the stage ends with one line saying which and how, nothing is
     committed, and no process of the training is left."""
-    ref_url, _ = demo_local_run
-    reference = Lake(ref_url).resolve("pretrain")
-    lake_dir = tmp_path / "lake"
-    lake = Lake(str(lake_dir))
-    for upstream in reference.inputs:
-        copy_version(Lake(ref_url), lake, upstream)
-    cmd = [str(BIN / "crawl2model"), "--lake", str(lake_dir), "run", "--preset", "demo", *QUICK,
-           "--from", "pretrain", "--to", "pretrain"]
-    log = open(tmp_path / "stderr", "w+")
-    proc = subprocess.Popen(cmd, cwd=demo_mirror.parent, stdout=subprocess.DEVNULL, stderr=log,
-                            start_new_session=True)
+    _, _, lake, cmd = stage_alone(demo_local_run[0], "pretrain", tmp_path)
+    proc = start_logged(cmd, demo_mirror.parent, tmp_path)
     deadline = time.time() + 180
     launcher = ranks = None
     while not ranks:  # torchrun and its 2 ranks, training (the --check before launch is not one)
@@ -223,16 +220,9 @@ def test_a_killed_training_rank_or_launcher_is_a_clear_error_and_takes_the_rest(
     time.sleep(3)
     below = descendants(proc.pid)
     os.kill(ranks[-1] if victim == "rank" else launcher, signal.SIGKILL)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"the stage did not end after its {victim} was killed")
-    err = (tmp_path / "stderr").read_text()
-    assert proc.returncode == 1, err[-3000:]
-    last = [line for line in err.splitlines() if line.startswith("error:")][-1]
+    last = error_line_of_failed(proc, tmp_path, f"its {victim} was killed", within=90)
     who = r"rank \d" if victim == "rank" else "torchrun"
     assert re.fullmatch(rf"error: training failed \(torchrun exit -?\d+\): {who} was killed by SIGKILL \(the "
                         r"out-of-memory killer\?\); checkpoints written so far are kept, rerun to resume", last), last
-    none_left({p: s for p, s in below.items() if p != proc.pid}, f"(after SIGKILL of the {victim})")
+    none_left(below, f"(after SIGKILL of the {victim})")
     assert lake.versions("pretrain") == []
