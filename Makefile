@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+PORT   ?= 4200
 
 .PHONY: install system-deps demo test bench server clean
 
@@ -36,12 +37,10 @@ test: $(STAMP) system-deps
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
-# A Prefect server on http://127.0.0.1:4200 and every deployment served from this machine.
+# A Prefect server on http://127.0.0.1:$(PORT) (4200) and every deployment served from this machine;
+# SIGTERM or Ctrl-C stops both (make passes the signal on to the one process below it).
 server: $(STAMP)
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 & \
-	  server=$$!; trap "kill $$server" EXIT; \
-	  until curl -sf http://127.0.0.1:4200/api/health >/dev/null; do sleep 1; done; \
-	  PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m deployments.serve
+	exec $(PY) -m deployments.serve --start-server --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache lake

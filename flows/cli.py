@@ -17,16 +17,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from common.process import one_line
+from tasks.errors import BadInput, StageError
 from tasks.lake import Lake, LakeError, Ref
 
 # Piped output (scripts, logs) gets a wide table instead of rich's 80-column default.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
-_STAGES = ("download", "filter", "dedup", "tokenizer", "shard", "pretrain")
-
-
-class UsageError(Exception):
+class UsageError(BadInput):
     """Bad usage: exit status 2."""
 
 
@@ -152,10 +151,6 @@ def cmd_verify(lake: Lake, args) -> int:
 # --------------------------------------------------------------------------- runs
 
 
-class RunFailed(Exception):
-    """A run that failed: exit status 1."""
-
-
 def _params(model, **values):
     """Build a stage's parameter model; a validation error becomes one line naming the field."""
     from pydantic import ValidationError
@@ -170,30 +165,11 @@ def _params(model, **values):
         raise UsageError(f"invalid {where.replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}")
 
 
-def _run_flow(fn, *args, **kwargs) -> str:
-    from tasks.dedup import DedupError
-    from tasks.download import DownloadError
-    from tasks.filter import FilterError
-    from tasks.pretrain import PretrainError
-    from tasks.stage import TaskDied
-    from tasks.tokenizer import TokenizerError
-    from tasks.warc import WarcError
-
+def _run_flow(fn, *args, **kwargs):
+    """Run a flow. A user's error comes back raised as itself (a StageError: main prints its
+    line and exits with its status); the run's log holds no traceback for it."""
     prefect_api()  # after the parameters were validated: bad input costs no server start
-    try:
-        return fn(*args, **kwargs)
-    except (DownloadError, WarcError, FilterError, DedupError, TokenizerError, PretrainError, TaskDied) as e:
-        raise RunFailed(str(e)) from None
-    except Exception as e:
-        from model.process import is_storage_error
-
-        if not is_storage_error(e):
-            raise
-        # Storage gave up after its retries (S3 5xx, resets, a full disk...). The traceback is
-        # in the run's log above; the last line says what failed, and nothing was committed.
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RunFailed(f"storage error in lake {kwargs.get('lake_url')}: {type(e).__name__}: {msg} "
-                        "(no partial version was committed; rerun the same command to resume)") from None
+    return fn(*args, **kwargs)
 
 
 def prefect_api() -> None:
@@ -206,7 +182,7 @@ def prefect_api() -> None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, get_current_settings
 
-    from model.process import die_with_parent
+    from common.process import die_with_parent
 
     class DiesWithUs(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:  # Prefect 3.9's, plus preexec_fn
@@ -229,15 +205,14 @@ def prefect_api() -> None:
     DiesWithUs().start()
 
 
-def _print_summary(m) -> None:
-    from flows.pipeline import key_numbers
+def stop_prefect_api() -> None:
+    """Stop the temporary Prefect server now, if this command started one (else at exit)."""
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
 
-    out.print(f"{m.ref}: {key_numbers(m.kind, m.metrics)}")
-
-
-def _input(lake: Lake, ref: str | None, default_kind: str) -> str:
-    """A stage's input ref, resolved before any work (unknown refs fail fast, exit 2)."""
-    return lake.resolve(ref or default_kind).ref
+        server = SubprocessASGIServer._instances.get(None)
+        if server is not None and server.running:
+            server.stop()
 
 
 def _override(spec: list[str] | None) -> dict:
@@ -259,89 +234,38 @@ def _override(spec: list[str] | None) -> dict:
     return out
 
 
-def cmd_stage_filter(lake: Lake, args) -> int:
-    from flows.filter import filter as filter_flow
-    from tasks.filter import FilterParams
+def cmd_stage(lake: Lake, args) -> int:
+    """`stage NAME`: the options of the stage's parameter model, its inputs resolved (unknown
+    refs and wrong kinds fail before any work, exit 2), its flow run, its summary line."""
+    from flows.stages import FLOWS
+    from tasks.registry import stage
+    from tasks.stage import resolve_inputs
 
-    values = {"input": _input(lake, args.input, "download"), "extractor": args.extractor,
-              "languages": args.languages.split(",") if args.languages else None,
-              "language_threshold": args.language_threshold, "tasks": args.tasks, "workers": args.workers,
-              **_override(args.set)}
-    params = _params(FilterParams, **values)
-    m = lake.resolve(_run_flow(filter_flow, params, lake_url=lake.url))
-    _print_summary(m)
-    funnel = Table(title="filter funnel")
-    for col in ("step", "docs in", "docs out", "bytes in", "bytes out"):
-        funnel.add_column(col, justify="left" if col == "step" else "right")
-    for r in m.metrics["funnel"]:
-        funnel.add_row(r["step"], str(r["docs_in"]), str(r["docs_out"]), human_bytes(r["bytes_in"]),
-                       human_bytes(r["bytes_out"]))
-    out.print(funnel)
-    return 0
-
-
-def cmd_stage_dedup(lake: Lake, args) -> int:
-    from flows.dedup import dedup as dedup_flow
-    from tasks.dedup import DedupParams
-
-    values = {"input": _input(lake, args.input, "filter"), "tasks": args.tasks, "workers": args.workers,
-              **_override(args.set)}
-    params = _params(DedupParams, **values)
-    m = lake.resolve(_run_flow(dedup_flow, params, lake_url=lake.url))
-    _print_summary(m)
-    return 0
-
-
-def cmd_stage_download(lake: Lake, args) -> int:
-    from flows.download import download
-    from tasks.download import DownloadParams
-
-    if not (args.crawl or args.urls or args.files):
-        args.crawl = "latest"
-    params = _params(DownloadParams, crawl=args.crawl, base_url=args.base_url, format=args.format,
-                     segments=args.segments, seed=args.seed, max_records=args.max_records,
-                     urls=args.urls, files=args.files, concurrency=args.concurrency,
-                     retries=args.retries, timeout=args.timeout)
-    ref = _run_flow(download, params, lake_url=lake.url)
-    _print_summary(lake.resolve(ref))
-    return 0
-
-
-def cmd_stage_tokenizer(lake: Lake, args) -> int:
-    from flows.tokenizer import tokenizer as tokenizer_flow
-    from tasks.tokenizer import TokenizerParams
-
-    values = {"input": _input(lake, args.input, "dedup"),
-              "extra": [lake.resolve(r).ref for r in (args.extra or [])] or None,
-              "vocab_size": args.vocab_size, "sample_bytes": args.sample_bytes, **_override(args.set)}
-    params = _params(TokenizerParams, **values)
-    m = lake.resolve(_run_flow(tokenizer_flow, params, lake_url=lake.url))
-    _print_summary(m)
-    return 0
-
-
-def cmd_stage_shard(lake: Lake, args) -> int:
-    from flows.shard import shard as shard_flow
-    from tasks.shard import ShardParams
-
-    values = {"input": _input(lake, args.input, "dedup"), "tokenizer": _input(lake, args.tokenizer, "tokenizer"),
-              "val_fraction": args.val_fraction, "shard_tokens": args.shard_tokens, **_override(args.set)}
-    params = _params(ShardParams, **values)
-    m = lake.resolve(_run_flow(shard_flow, params, lake_url=lake.url))
-    _print_summary(m)
-    return 0
-
-
-def cmd_stage_pretrain(lake: Lake, args) -> int:
-    from flows.pretrain import pretrain as pretrain_flow
-    from tasks.pretrain import PretrainParams
-
-    values = {"input": _input(lake, args.input, "shard"), "preset": args.preset, "max_steps": args.max_steps,
-              "nproc_per_node": args.nproc_per_node, "nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint,
-              "compile": args.compile or None, **_override(args.set)}
-    params = _params(PretrainParams, **values)
-    m = lake.resolve(_run_flow(pretrain_flow, params, lake_url=lake.url))
-    _print_summary(m)
+    st = stage(args.stage)
+    values = _override(args.set)
+    for name in st.params.model_fields:
+        given = getattr(args, name, None)
+        if given is not None:
+            if name in st.comma_lists:
+                given = [x for v in given for x in v.split(",") if x]
+            values[name] = given
+    for name, kinds in st.inputs.items():  # resolved now: a rerun of "latest" stays the same version
+        given = values.get(name)
+        values[name] = ([lake.resolve(r).ref for r in given] if isinstance(given, list)
+                        else lake.resolve(given or kinds[0]).ref)
+    params = _params(st.params, **values)
+    resolve_inputs(lake, params)
+    m = lake.resolve(_run_flow(FLOWS[st.name], params, lake_url=lake.url))
+    out.print(f"{m.ref}: {st.summary(m.metrics)}")
+    if st.details:
+        title, rows = st.details(m.metrics)
+        if rows:
+            table = Table(title=title)
+            for col in rows[0]:
+                table.add_column(col.replace("_", " "), justify="left" if col == "step" else "right")
+            for r in rows:
+                table.add_row(*(human_bytes(v) if "bytes" in k and isinstance(v, int) else str(v) for k, v in r.items()))
+            out.print(table)
     return 0
 
 
@@ -385,10 +309,10 @@ def cmd_run(lake: Lake, args) -> int:
     for stage, fields in _override(args.set).items():
         if stage not in STAGES or not isinstance(fields, dict):
             raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
-        values[stage] = {**values[stage], **fields}
+        values[stage] = {**values.get(stage, {}), **fields}
     params = _params(PipelineParams, **values)
     refs = _run_flow(pipeline, params, lake_url=lake.url)
-    out.print(summary_table("pipeline", summary_rows(lake, refs, {})))
+    out.print(summary_table("pipeline", summary_rows(lake, refs)))
     return 0
 
 
@@ -407,7 +331,46 @@ def cmd_sample(lake: Lake, args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def add_stage_options(p: Parser, st) -> None:
+    """An option per top-level field of the stage's parameter model (nested groups through
+    --set): the flag, its choices and help come from the field. Values stay strings here and
+    are converted and checked by the model, so every bad value gets the same one-line error."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, field in st.params.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        tp = field.annotation
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]  # X | None
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            continue  # a group of settings: --set GROUP.FIELD=VALUE
+        help_ = field.description or ""
+        if name in st.inputs:
+            help_ = (f"{' or '.join(st.inputs[name])} version(s) (refs)" if origin is list
+                     else f"{' or '.join(st.inputs[name])} version (default: {st.inputs[name][0]}@latest)")
+        elif field.default is not None and not field.is_required() and not callable(field.default_factory):
+            help_ += f" (default: {field.default})" if help_ else f"default: {field.default}"
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif origin is typing.Literal:
+            p.add_argument(flag, choices=[str(c) for c in typing.get_args(tp)], help=help_)
+        elif origin is list:
+            p.add_argument(flag, nargs="+", metavar=name.upper().rstrip("S") or "VALUE", help=help_)
+        else:
+            p.add_argument(flag, metavar=name.upper(), help=help_)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="any parameter, nested ones too, e.g. gopher_quality.min_doc_words=30")
+    p.set_defaults(func=cmd_stage, stage=st.name)
+
+
 def build_parser() -> Parser:
+    from tasks import registry
+
     p = Parser(prog="crawl2model", description="From a Common Crawl dump to a pretrained language "
                "model, as Prefect flows over a versioned lake.")
     p.add_argument("--lake", help="lake root URL: a folder or s3://bucket/prefix "
@@ -418,11 +381,12 @@ def build_parser() -> Parser:
     dm = sub.add_parser("demo", help="offline end-to-end run on the embedded defaults")
     dm.set_defaults(func=cmd_demo)
 
-    run = sub.add_parser("run", help="the pipeline: download -> filter -> dedup -> tokenizer -> shard -> pretrain")
+    pipeline_stages = [s.name for s in registry.pipeline_stages()]
+    run = sub.add_parser("run", help="the pipeline: " + " -> ".join(pipeline_stages))
     run.add_argument("--preset", choices=["demo", "small", "gpt2"], default="demo")
-    run.add_argument("--from", dest="from_stage", choices=list(_STAGES))
-    run.add_argument("--to", dest="to_stage", choices=list(_STAGES))
-    run.add_argument("--rebuild", action="append", choices=list(_STAGES), help="build this stage again")
+    run.add_argument("--from", dest="from_stage", choices=pipeline_stages)
+    run.add_argument("--to", dest="to_stage", choices=pipeline_stages)
+    run.add_argument("--rebuild", action="append", choices=pipeline_stages, help="build this stage again")
     run.add_argument("--set", action="append", metavar="STAGE.FIELD=VALUE",
                      help="override a stage parameter, e.g. pretrain.max_steps=100")
     run.set_defaults(func=cmd_run)
@@ -444,64 +408,8 @@ def build_parser() -> Parser:
 
     stage = sub.add_parser("stage", help="run one stage on its own")
     ssub = stage.add_subparsers(dest="stage", required=True, parser_class=Parser)
-    dl = ssub.add_parser("download", help="Common Crawl WARC files into the lake")
-    src = dl.add_mutually_exclusive_group()
-    src.add_argument("--crawl", help="crawl id (CC-MAIN-2024-51) or 'latest' (the default)")
-    src.add_argument("--urls", nargs="+", metavar="URL", help="explicit WARC URLs")
-    src.add_argument("--files", nargs="+", metavar="PATH", help="explicit local WARC files")
-    dl.add_argument("--base-url", help="Common Crawl root (default https://data.commoncrawl.org/)")
-    dl.add_argument("--format", choices=["warc", "wet"])
-    dl.add_argument("--segments", type=int, help="files to pick, spread across the crawl")
-    dl.add_argument("--seed", type=int, help="seed of the file selection")
-    dl.add_argument("--max-records", type=int, help="keep only the first N records of each file")
-    dl.add_argument("--concurrency", type=int, help="parallel transfers (default 4)")
-    dl.add_argument("--retries", type=int, help="retries per file (default 6)")
-    dl.add_argument("--timeout", type=float, help="seconds without data before a retry (default 60)")
-    dl.set_defaults(func=cmd_stage_download)
-
-    flt = ssub.add_parser("filter", help="WARC -> text -> FineWeb quality filters -> Parquet")
-    flt.add_argument("--input", help="download version (default: download@latest)")
-    flt.add_argument("--extractor", choices=["trafilatura", "resiliparse"])
-    flt.add_argument("--languages", help="comma-separated ISO 639-1 codes to keep (default: en)")
-    flt.add_argument("--language-threshold", type=float)
-    flt.add_argument("--tasks", type=int, help="datatrove tasks (default 4)")
-    flt.add_argument("--workers", type=int, help="parallel processes (default 2)")
-    flt.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                     help="any other parameter, e.g. gopher_quality.min_doc_words=30 or pii=false")
-    flt.set_defaults(func=cmd_stage_filter)
-    dd = ssub.add_parser("dedup", help="exact + MinHash near-duplicate removal")
-    dd.add_argument("--input", help="filter version (default: filter@latest)")
-    dd.add_argument("--tasks", type=int)
-    dd.add_argument("--workers", type=int)
-    dd.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                    help="any other parameter, e.g. num_buckets=20 or exact=false")
-    dd.set_defaults(func=cmd_stage_dedup)
-
-    tk = ssub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on the corpus")
-    tk.add_argument("--input", help="dedup version (default: dedup@latest)")
-    tk.add_argument("--extra", nargs="+", metavar="REF", help="ingest versions of extra text to add")
-    tk.add_argument("--vocab-size", type=int, help="default 32768")
-    tk.add_argument("--sample-bytes", type=int, help="training sample size (default 200 MB)")
-    tk.add_argument("--set", action="append", metavar="FIELD=VALUE")
-    tk.set_defaults(func=cmd_stage_tokenizer)
-    sh = ssub.add_parser("shard", help="tokenise the corpus into Parquet token shards")
-    sh.add_argument("--input", help="dedup version (default: dedup@latest)")
-    sh.add_argument("--tokenizer", help="tokenizer version (default: tokenizer@latest)")
-    sh.add_argument("--val-fraction", type=float)
-    sh.add_argument("--shard-tokens", type=int)
-    sh.add_argument("--set", action="append", metavar="FIELD=VALUE")
-    sh.set_defaults(func=cmd_stage_shard)
-
-    pt = ssub.add_parser("pretrain", help="train a GPT with torchrun on a shard version")
-    pt.add_argument("--input", help="shard version (default: shard@latest)")
-    pt.add_argument("--preset", choices=["tiny", "gpt2-small", "gpt2-medium", "1b"])
-    pt.add_argument("--max-steps", type=int)
-    pt.add_argument("--nproc-per-node", type=int)
-    pt.add_argument("--nnodes", type=int)
-    pt.add_argument("--rdzv-endpoint", help="HOST:PORT for multi-node rendezvous")
-    pt.add_argument("--compile", action="store_true")
-    pt.add_argument("--set", action="append", metavar="FIELD=VALUE", help="e.g. lr=3e-4 or batch_size=16")
-    pt.set_defaults(func=cmd_stage_pretrain)
+    for st in registry.STAGES.values():
+        add_stage_options(ssub.add_parser(st.name, help=st.description, description=st.description), st)
 
     tz = sub.add_parser("tokenize", help="show a text split into tokens with their ids")
     tz.add_argument("--tokenizer", default="tokenizer", help="tokenizer version (default: tokenizer@latest)")
@@ -544,15 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CRAWL2MODEL_S3_SECRET_BLOCK"):
             prefect_api()  # the lake's credentials come through the Prefect API
         return args.func(Lake(args.lake), args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except LakeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except StageError as e:  # usage, bad input, a run that failed: one line, no traceback
+        stop_prefect_api()  # its goodbye is logged before our line, which stays the last
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

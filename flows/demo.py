@@ -26,7 +26,7 @@ def demo(lake_url: str, mirror_dir: str = "demo-mirror") -> None:
     refs = pipeline(params, lake_url=lake_url)
     lake = Lake(lake_url)
     console.print(summary_table(f"crawl2model demo: lake {lake_url}, {time.time() - t0:.0f}s "
-                                "(the demo mirror stands in for Common Crawl)", summary_rows(lake, refs, {})))
+                                "(the demo mirror stands in for Common Crawl)", summary_rows(lake, refs)))
     from model.sample import generate_text
 
     final = lake.file_uri(lake.resolve(refs["pretrain"]), "final")

@@ -1,8 +1,10 @@
-"""Flow `pipeline`: crawl to checkpoint, each stage a subflow passing lake refs.
+"""Flow `pipeline`: crawl to checkpoint, the registry's stages in order (tasks/registry.py),
+each a subflow passing lake refs. A stage reads the refs its `input_ref` parameters name: this
+run's output of that kind, or its latest version when that stage did not run here.
 
 A stage whose version is already committed is a cache hit (seconds). `from_stage`/`to_stage`
-bound the run (stages before `from_stage` use their latest version); `rebuild` builds the
-named stages again even if committed.
+bound the run; `rebuild` builds the named stages again even if committed. A stage that fails
+with a user's error ends the pipeline with that stage's Failed state (its one line).
 """
 
 from __future__ import annotations
@@ -12,91 +14,64 @@ from typing import Literal
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
-from flows.dedup import dedup
-from flows.download import download
-from flows.filter import filter as filter_
-from flows.pretrain import pretrain
-from flows.shard import shard
-from flows.tokenizer import tokenizer
-from tasks.dedup import DedupParams
-from tasks.download import DownloadParams
-from tasks.filter import FilterParams
+from flows.stages import FLOWS
 from tasks.lake import Lake
-from tasks.pretrain import PretrainParams
-from tasks.shard import ShardParams
+from tasks.registry import pipeline_stages, stage
 from tasks.stage import Strict, built_here
-from tasks.tokenizer import TokenizerParams
 
-STAGES = ("download", "filter", "dedup", "tokenizer", "shard", "pretrain")
-Stage = Literal["download", "filter", "dedup", "tokenizer", "shard", "pretrain"]
+STAGES = tuple(s.name for s in pipeline_stages())
+StageName = Literal[STAGES]  # type: ignore[valid-type]
 
 
-class PipelineParams(Strict):
-    """Every stage's parameters, grouped per stage, and which stages to run."""
+class _Bounds(Strict):
+    """Which stages to run; the stages' own parameters are added below, one group per stage."""
 
-    from_stage: Stage = "download"
-    to_stage: Stage = "pretrain"
-    rebuild: list[Stage] = Field(default_factory=list)
-    download: DownloadParams = DownloadParams(crawl="latest")
-    filter: FilterParams = FilterParams()
-    dedup: DedupParams = DedupParams()
-    tokenizer: TokenizerParams = TokenizerParams()
-    shard: ShardParams = ShardParams()
-    pretrain: PretrainParams = PretrainParams()
+    from_stage: StageName = STAGES[0]
+    to_stage: StageName = STAGES[-1]
+    rebuild: list[StageName] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _order(self) -> "PipelineParams":
+    def _order(self):
         if STAGES.index(self.from_stage) > STAGES.index(self.to_stage):
             raise ValueError(f"from_stage {self.from_stage!r} comes after to_stage {self.to_stage!r}")
         return self
 
 
+PipelineParams = create_model("PipelineParams", __base__=_Bounds, __doc__="Every stage's parameters, grouped "
+                              "per stage, and which stages to run.",
+                              **{s.name: (s.params, s.defaults()) for s in pipeline_stages()})
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams(), lake_url: str | None = None) -> dict[str, str]:
     """Returns {stage: ref} of every stage it ran."""
-    log = get_run_logger()
-    lake = Lake(lake_url)
-    first, last = STAGES.index(params.from_stage), STAGES.index(params.to_stage)
-    run = set(STAGES[first:last + 1])
-
-    def ref_of(stage: str, refs: dict) -> str:  # a stage's output: this run's, or the latest
-        return refs[stage] if stage in refs else lake.resolve(stage).ref
-
-    def p(stage: str, **inputs):
-        return getattr(params, stage).model_copy(update={**inputs, "rebuild": stage in params.rebuild})
-
+    log, lake = get_run_logger(), Lake(lake_url)
+    run = STAGES[STAGES.index(params.from_stage):STAGES.index(params.to_stage) + 1]
     refs: dict[str, str] = {}
-    timings: dict[str, float] = {}
-    steps = [
-        ("download", lambda: download(p("download"), lake_url=lake_url)),
-        ("filter", lambda: filter_(p("filter", input=ref_of("download", refs)), lake_url=lake_url)),
-        ("dedup", lambda: dedup(p("dedup", input=ref_of("filter", refs)), lake_url=lake_url)),
-        ("tokenizer", lambda: tokenizer(p("tokenizer", input=ref_of("dedup", refs)), lake_url=lake_url)),
-        ("shard", lambda: shard(p("shard", input=ref_of("dedup", refs), tokenizer=ref_of("tokenizer", refs)),
-                                lake_url=lake_url)),
-        ("pretrain", lambda: pretrain(p("pretrain", input=ref_of("shard", refs)), lake_url=lake_url)),
-    ]
-    for stage, call in steps:
-        if stage not in run:
-            continue
-        t = time.time()
-        refs[stage] = call()
-        timings[stage] = round(time.time() - t, 2)
-        log.info("%s -> %s (%.1fs)", stage, refs[stage], timings[stage])
-    publish_summary(lake, refs, timings)
+    for name in run:
+        given = getattr(params, name)
+        inputs = {field: refs[kinds[0]] if kinds[0] in refs else lake.resolve(kinds[0]).ref
+                  for field, kinds in stage(name).inputs.items()
+                  if isinstance(getattr(given, field), str)}  # list inputs (extra text) stay as given
+        p = given.model_copy(update={**inputs, "rebuild": name in params.rebuild})
+        started = time.time()
+        state = FLOWS[name](p, lake_url=lake_url, return_state=True)
+        if state.is_failed():
+            return state  # the stage's one-line error ends the pipeline
+        refs[name] = state.result()
+        log.info("%s -> %s (%.1fs)", name, refs[name], time.time() - started)
+    from tasks.report import runtime
+
+    runtime().table("pipeline-summary", summary_rows(lake, refs), "pipeline: each stage's version")
     return refs
 
 
-def summary_rows(lake: Lake, refs: dict[str, str], timings: dict[str, float]) -> list[dict]:
-    """One row per stage: its version, time, whether it was already built, key numbers."""
-    rows = []
-    for stage, ref in refs.items():
-        m = lake.resolve(ref)
-        rows.append({"stage": stage, "version": ref, "seconds": timings.get(stage, 0.0),
-                     "cache hit": not built_here(ref), "numbers": key_numbers(stage, m.metrics)})
-    return rows
+def summary_rows(lake: Lake, refs: dict[str, str]) -> list[dict]:
+    """One row per stage: its version, whether it was already built, key numbers."""
+    return [{"stage": name, "version": ref, "cache hit": not built_here(ref),
+             "numbers": stage(name).summary(lake.resolve(ref).metrics)} for name, ref in refs.items()]
 
 
 def summary_table(title: str, rows: list[dict]):
@@ -109,28 +84,3 @@ def summary_table(title: str, rows: list[dict]):
     for row in rows:
         table.add_row(row["stage"], row["version"], "cache hit" if row["cache hit"] else "built now", row["numbers"])
     return table
-
-
-def key_numbers(kind: str, x: dict) -> str:
-    if kind == "download":
-        return f"{x['files']} WARC files, {x['records']} records ({x['records_by_type'].get('response', 0)} responses)"
-    if kind == "filter":
-        return f"{x['funnel'][0]['docs_in']} HTML pages -> {x['documents']} documents ({x['bytes']:,} bytes)"
-    if kind == "dedup":
-        return (f"{x['input_documents']} -> {x['documents']} documents "
-                f"({x['exact_removed']} exact, {x['minhash_removed']} near duplicates removed)")
-    if kind == "tokenizer":
-        return (f"vocab {x['vocab_size']:,}, {x['bytes_per_token']:.2f} bytes/token "
-                f"(cl100k {x['cl100k_bytes_per_token']:.2f}), round trip {x['roundtrip_exact']:.0%}")
-    if kind == "shard":
-        return f"{x['train_tokens']:,} train / {x['val_tokens']:,} val tokens"
-    if kind == "pretrain":
-        return f"{x['steps']} steps, loss {x['final_loss']}, val loss {x.get('val_loss')}"
-    return ""
-
-
-def publish_summary(lake: Lake, refs: dict[str, str], timings: dict[str, float]) -> None:
-    from prefect.artifacts import create_table_artifact
-
-    rows = summary_rows(lake, refs, timings)
-    create_table_artifact(key="pipeline-summary", table=rows, description="pipeline: each stage's version and time")

@@ -40,7 +40,7 @@ from safetensors.torch import save as save_safetensors
 
 from model.data import ShardLoader, read_meta, shard_files
 from model.gpt import GPT, PRESETS, config_from_preset
-from model.process import die_with_parent, is_storage_error
+from common.process import die_with_parent, is_storage_error
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

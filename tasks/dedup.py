@@ -17,8 +17,10 @@ from typing import Callable
 
 from pydantic import Field
 
+from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, in_prefect_run, run_stage
+from tasks.report import runtime
+from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "dedup/1"
 
@@ -26,7 +28,7 @@ CODE_VERSION = "dedup/1"
 class DedupParams(StageParams):
     """The `dedup` stage. Every field but `workers` is part of the version."""
 
-    input: str = Field("filter", description="the filter version to read (a ref)")
+    input: str = input_ref("filter")
     exact: bool = Field(True, description="remove exact duplicates of the normalised text first")
     minhash: bool = Field(True, description="remove near duplicates with MinHash LSH")
     n_grams: int = Field(5, ge=1, le=50, description="word n-grams per shingle")
@@ -41,7 +43,7 @@ class DedupParams(StageParams):
         return self.model_dump(mode="json", exclude={"input", "rebuild", "workers"})
 
 
-class DedupError(Exception):
+class DedupError(StageError):
     pass
 
 
@@ -82,9 +84,7 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
     from tasks.filter import read_stats, run_datatrove
     from tasks.steps import Meter, RemovedSample, document_adapter
 
-    source = lake.resolve(params.input)
-    if source.kind != "filter":
-        raise DedupError(f"dedup reads a filter version, not {source.ref}")
+    source = resolve_inputs(lake, params)["input"]
     inputs = [f["path"] for f in source.files if f["path"].startswith("data/") and f["path"].endswith(".parquet")]
     if not inputs:
         raise DedupError(f"{source.ref} holds no documents")
@@ -220,15 +220,16 @@ def summarise(lake: Lake, prod: Production, funnel: list[dict]) -> dict:
 
 
 def publish(metrics: dict, ref: str) -> None:
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_table_artifact
-
     rows = [{"step": "input", "documents": metrics["input_documents"]},
             {"step": "exact dedup", "documents": metrics["input_documents"] - metrics["exact_removed"]},
             {"step": "minhash dedup", "documents": metrics["documents"]}]
-    create_table_artifact(key="dedup-stats", table=rows, description=f"dedup of {ref}: documents per step")
+    runtime().table("dedup-stats", rows, f"dedup of {ref}: documents per step")
     hist = [{"cluster_size": k, "clusters": v} for k, v in metrics["cluster_size_histogram"].items()]
     if hist:
-        create_table_artifact(key="dedup-clusters", table=hist,
-                              description=f"{ref}: near-duplicate clusters by size")
+        runtime().table("dedup-clusters", hist, f"{ref}: near-duplicate clusters by size")
+
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    return (f"{x['input_documents']} -> {x['documents']} documents "
+            f"({x['exact_removed']} exact, {x['minhash_removed']} near duplicates removed)")

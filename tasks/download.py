@@ -30,6 +30,7 @@ import requests
 from pydantic import Field, field_validator, model_validator
 
 from tasks.lake import Lake, Manifest, Production
+from tasks.errors import StageError
 from tasks.progress import Progress
 from tasks.stage import StageParams, cache_dir, run_stage
 from tasks.warc import WarcError, copy_first_records, verify_warc
@@ -39,14 +40,15 @@ DEFAULT_BASE_URL = "https://data.commoncrawl.org/"
 _CRAWL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class DownloadError(Exception):
+class DownloadError(StageError):
     """A transfer or source that failed for good; the message names the URL or file."""
 
 
 class DownloadParams(StageParams):
-    """What to download. Exactly one source: `crawl`, `urls` or `files`."""
+    """What to download. One source: `crawl`, `urls` or `files`; none given means the latest crawl."""
 
-    crawl: str | None = Field(None, description="crawl id (CC-MAIN-2024-51) or 'latest'")
+    crawl: str | None = Field(None, description="crawl id (CC-MAIN-2024-51) or 'latest' (the default when "
+                              "no urls or files are given)")
     base_url: str = Field(DEFAULT_BASE_URL, description="Common Crawl root: https://, http://, file:// or s3://")
     format: Literal["warc", "wet"] = "warc"
     segments: int = Field(1, ge=1, le=100_000, description="files to pick from the crawl")
@@ -95,9 +97,10 @@ class DownloadParams(StageParams):
     @model_validator(mode="after")
     def _one_source(self) -> "DownloadParams":
         given = [n for n, v in (("crawl", self.crawl), ("urls", self.urls), ("files", self.files)) if v]
-        if len(given) != 1:
-            raise ValueError("give exactly one source: crawl, urls or files"
-                             + (f" (got {', '.join(given)})" if given else ""))
+        if not given:
+            self.crawl = "latest"
+        elif len(given) > 1:
+            raise ValueError(f"give one source: crawl, urls or files (got {', '.join(given)})")
         names = [_file_name(u) for u in (self.urls or self.files)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -141,7 +144,7 @@ def list_crawl_paths(params: DownloadParams, crawl: str) -> list[str]:
         raw = _fetch_small(url, params)
     except DownloadError as e:
         if "404" in str(e) or "no such file" in str(e):
-            raise DownloadError(f"unknown crawl {crawl!r}: {url} not found") from None
+            raise DownloadError(f"unknown crawl {crawl!r}: {url} not found", bad_input=True) from None
         raise
     try:
         paths = [p.strip() for p in gzip.decompress(raw).decode().splitlines() if p.strip()]
@@ -406,3 +409,8 @@ def _sum_counts(dicts) -> dict[str, int]:
         for k, v in d.items():
             out[k] = out.get(k, 0) + v
     return dict(sorted(out.items()))
+
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    return f"{x['files']} WARC files, {x['records']} records ({x['records_by_type'].get('response', 0)} responses)"

@@ -16,8 +16,10 @@ from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 
+from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, Strict, TaskDied, in_prefect_run, run_stage
+from tasks.report import runtime
+from tasks.stage import StageParams, Strict, TaskDied, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "filter/2"
 
@@ -70,7 +72,7 @@ class FineWebQuality(Strict):
 class FilterParams(StageParams):
     """The `filter` stage. Every field but `workers` is part of the version."""
 
-    input: str = Field("download", description="the download version to read (a ref)")
+    input: str = input_ref("download")
     extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
     favour_precision: bool = Field(True, description="trafilatura's favor_precision (FineWeb's choice)")
     url_filter: bool = True
@@ -100,7 +102,7 @@ class FilterParams(StageParams):
         return self.model_dump(mode="json", exclude={"input", "rebuild", "workers"})
 
 
-class FilterError(Exception):
+class FilterError(StageError):
     """The stage ran but its result is unusable (e.g. nothing survived)."""
 
 
@@ -235,9 +237,7 @@ def warc_paths(m: Manifest) -> list[str]:
 def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None] = print) -> Manifest:
     from datatrove.io import DataFolder
 
-    source = lake.resolve(params.input)
-    if source.kind != "download":
-        raise FilterError(f"filter reads a download version, not {source.ref}")
+    source = resolve_inputs(lake, params)["input"]
     paths = warc_paths(source)
     if not paths:
         raise FilterError(f"{source.ref} holds no WARC files")
@@ -269,9 +269,9 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
 
 
 def publish_funnel(funnel: list[dict], ref: str) -> None:
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_table_artifact
+    runtime().table("filter-funnel", funnel_rows(funnel), f"filter funnel of {ref}: documents and bytes in/out per step")
 
-    create_table_artifact(key="filter-funnel", table=funnel_rows(funnel),
-                          description=f"filter funnel of {ref}: documents and bytes in/out per step")
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    return f"{x['funnel'][0]['docs_in']} HTML pages -> {x['documents']} documents ({x['bytes']:,} bytes)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 from pydantic import Field, field_validator
 
@@ -45,7 +46,7 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def ingest_files(lake: Lake, params: IngestParams) -> Manifest:
+def ingest_files(lake: Lake, params: IngestParams, log: Callable[[str], None] = print) -> Manifest:
     # The version depends on the bytes, not on where the files were on this machine.
     content = {"files": sorted([Path(f).name, sha256_file(f)] for f in params.files)}
 
@@ -60,3 +61,8 @@ def ingest_files(lake: Lake, params: IngestParams) -> Manifest:
         prod.metrics["bytes"] = sum(os.path.getsize(f) for f in params.files)
 
     return run_stage(lake, "ingest", content, [], CODE_VERSION, build, rebuild=params.rebuild)
+
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    return f"{x['files']} file(s), {x['bytes']:,} bytes"

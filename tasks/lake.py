@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 
 import fsspec
 
+from tasks.errors import BadInput
+
 MANIFEST = "_MANIFEST.json"
 ALIASES = "_aliases"
 LEASES = "_lease"
@@ -44,8 +46,8 @@ _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # aliases (no '/', no
 _VERSION = re.compile(r"^[0-9a-f]{16}$")
 
 
-class LakeError(Exception):
-    """A problem a user can act on; the CLI prints it as one line and exits 2."""
+class LakeError(BadInput):
+    """A problem a user can act on (a ref, a lake URL, credentials): one line, exit 2."""
 
 
 class LeaseLost(LakeError):
@@ -154,7 +156,8 @@ SECRET_BLOCK_ENV = "CRAWL2MODEL_S3_SECRET_BLOCK"
 
 
 def s3_credentials() -> dict[str, str]:
-    """S3 credentials from the Prefect Secret block named by $CRAWL2MODEL_S3_SECRET_BLOCK, as
+    """S3 credentials from the Prefect Secret block named by $CRAWL2MODEL_S3_SECRET_BLOCK (read
+    through the runtime: tasks/report.py), as
     botocore environment variables; {} when it is not set (botocore then reads the environment,
     a profile or an instance role). The block's value is JSON: {"aws_access_key_id": ...,
     "aws_secret_access_key": ..., "aws_session_token": ... (optional)}."""
@@ -162,9 +165,9 @@ def s3_credentials() -> dict[str, str]:
     if not name:
         return {}
     try:
-        from prefect.blocks.system import Secret
+        from tasks.report import runtime
 
-        value = Secret.load(name).get()
+        value = runtime().secret(name)
     except Exception as e:  # unknown block, no Prefect API
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise LakeError(f"cannot load the Prefect Secret block {name!r} (${SECRET_BLOCK_ENV}): {msg}") from None
@@ -635,17 +638,31 @@ class Production:
         if "w" not in mode or "b" not in mode:
             raise ValueError("Production.open writes binary files; read through Lake.open")
         h, size = hashlib.sha256(), 0
-        with self.lake._io(f"writing {name}"), self.lake.fs.open(self.path(name), mode) as f:
-            class _Hashing:
-                def write(_, data: bytes) -> int:
-                    nonlocal size
-                    h.update(data)
-                    size += len(data)
+        what = f"writing {name}"
+        # Only the storage calls are wrapped in _io: an exception the caller raises inside the
+        # `with` block (a bug in a stage, say) passes through as itself, not as an outage.
+        with self.lake._io(what):
+            f = self.lake.fs.open(self.path(name), mode)
+        lake = self.lake
+
+        class _Hashing:
+            def write(_, data: bytes) -> int:
+                nonlocal size
+                h.update(data)
+                size += len(data)
+                with lake._io(what):
                     return f.write(data)
 
-                def __getattr__(_, attr):
-                    return getattr(f, attr)
+            def __getattr__(_, attr):
+                return getattr(f, attr)
+        try:
             yield _Hashing()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        with self.lake._io(what):
+            f.close()
         self.written[safe_relpath(name)] = (h.hexdigest(), size)
 
     def add_file(self, local_path: str, name: str, sha256: str, move: bool = False) -> None:

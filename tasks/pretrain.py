@@ -23,8 +23,10 @@ from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 
+from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production, s3_credentials
-from tasks.stage import StageParams, in_prefect_run, run_stage
+from tasks.report import runtime
+from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "pretrain/2"
 DEFAULT_PROMPTS = ["The ", "In the beginning", "Python is"]
@@ -34,7 +36,7 @@ class PretrainParams(StageParams):
     """The `pretrain` stage. Launch settings (processes, nodes, timeout) are not part of the
     version; everything that shapes the weights is."""
 
-    input: str = Field("shard", description="the shard version to train on (a ref)")
+    input: str = input_ref("shard")
     preset: Literal["tiny", "gpt2-small", "gpt2-medium", "1b"] = "tiny"
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(8, ge=1, description="micro-batch per rank (sequences)")
@@ -90,7 +92,7 @@ class PretrainParams(StageParams):
         return args
 
 
-class PretrainError(Exception):
+class PretrainError(StageError):
     pass
 
 
@@ -120,7 +122,7 @@ def torchrun_env(params: PretrainParams) -> dict[str, str]:
 def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None], env: dict | None = None) -> None:
     """Run torchrun in its own process group, streaming its output as it comes; on timeout
     or cancellation (KeyboardInterrupt, Prefect's cancel) kill the whole group."""
-    from model.process import die_with_parent
+    from common.process import die_with_parent
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True, preexec_fn=die_with_parent, env={**os.environ, **(env or {})},
@@ -149,7 +151,7 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
     finally:
         timer.cancel()
     if rc != 0:
-        from model.process import how_it_ended
+        from common.process import how_it_ended
 
         killed = None
         if rc < 0:  # torchrun itself was killed; its ranks die with it (PR_SET_PDEATHSIG)
@@ -201,19 +203,12 @@ def loss_plot_png(history: list[dict]) -> bytes:
 
 
 class _Progress:
-    """A Prefect progress artifact (and log lines) following the training steps."""
+    """A progress artifact (and log lines) following the training steps."""
 
     def __init__(self, max_steps: int, log: Callable[[str], None]):
         self.max_steps, self.log, self.id, self.last = max_steps, log, None, 0.0
         self.history: list[dict] = []
-        try:
-            from prefect.artifacts import create_progress_artifact
-            from prefect.context import get_run_context
-
-            get_run_context()
-            self.id = create_progress_artifact(0.0, key="pretrain-progress", description="training steps")
-        except Exception:
-            self.id = None
+        self.id = runtime().progress("training steps", key="pretrain-progress")
 
     def __call__(self, line: str) -> None:
         record = None
@@ -233,22 +228,15 @@ class _Progress:
             self.log(f"sample: {s}")
         now = time.time()
         if self.id is not None and (now - self.last > 2 or record["step"] >= self.max_steps):
-            try:
-                from prefect.artifacts import update_progress_artifact
-
-                update_progress_artifact(self.id, progress=100.0 * record["step"] / self.max_steps,
-                                         description=f"step {record['step']}/{self.max_steps} "
-                                                     f"loss {record.get('loss', float('nan')):.3f} "
-                                                     f"{record.get('tokens_per_s', 0):.0f} tok/s")
-            except Exception:
-                pass
+            runtime().update_progress(self.id, 100.0 * record["step"] / self.max_steps,
+                                      f"step {record['step']}/{self.max_steps} "
+                                      f"loss {record.get('loss', float('nan')):.3f} "
+                                      f"{record.get('tokens_per_s', 0):.0f} tok/s")
             self.last = now
 
 
 def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = print) -> Manifest:
-    source = lake.resolve(params.input)
-    if source.kind != "shard":
-        raise PretrainError(f"pretrain reads a shard version, not {source.ref}")
+    source = resolve_inputs(lake, params)["input"]
     tokenizer_ref = json.loads(lake.open(source, "meta.json").read())["tokenizer"]
 
     def build(prod: Production) -> None:
@@ -290,15 +278,15 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
 
 
 def publish(ref: str, png: bytes, history: list[dict]) -> None:
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     img = base64.b64encode(png).decode()
-    create_markdown_artifact(key="pretrain-loss", markdown=f"# Loss curve of `{ref}`\n\n"
-                             f"![loss curve](data:image/png;base64,{img})",
-                             description=f"{ref}: training and validation loss")
+    runtime().markdown("pretrain-loss", f"# Loss curve of `{ref}`\n\n![loss curve](data:image/png;base64,{img})",
+                       f"{ref}: training and validation loss")
     steps = [h for h in history if "loss" in h]
     rows = [{k: h.get(k) for k in ("step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")}
             for h in steps if h.get("val_loss") is not None or h is steps[-1]]
-    create_table_artifact(key="pretrain-metrics", table=rows, description=f"{ref}: metrics at each evaluation")
+    runtime().table("pretrain-metrics", rows, f"{ref}: metrics at each evaluation")
+
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    return f"{x['steps']} steps, loss {x['final_loss']}, val loss {x.get('val_loss')}"

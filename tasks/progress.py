@@ -1,5 +1,5 @@
-"""Progress of long work, in both places a user looks: a rich bar in the terminal and a Prefect
-progress artifact in the UI (when running inside a flow). Thread-safe; updates are throttled."""
+"""Progress of long work, in both places a user looks: a rich bar in the terminal and a
+progress artifact in the UI (through the runtime: Prefect's inside a flow). Thread-safe; updates are throttled."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, TextColumn,
                            TimeElapsedColumn, TransferSpeedColumn)
 from rich.progress import Progress as RichProgress
+
+from tasks.report import runtime
 
 
 class Progress:
@@ -29,14 +31,7 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         self._bar.start()
-        try:
-            from prefect.artifacts import create_progress_artifact
-            from prefect.context import get_run_context
-
-            get_run_context()
-            self._artifact_id = create_progress_artifact(0.0, description=self.title)
-        except Exception:
-            self._artifact_id = None  # outside Prefect: the terminal bar is enough
+        self._artifact_id = runtime().progress(self.title)  # None outside Prefect: the bar is enough
         return self
 
     def advance_bytes(self, n: int) -> None:
@@ -56,13 +51,7 @@ class Progress:
         self._bar.update(self._task, completed=self.files,
                          description=f"{self.title} {self.bytes / 2**20:.1f} MiB" if self.bytes else self.title)
         if self._artifact_id is not None and (force or now - self._last >= self.every):
-            try:
-                from prefect.artifacts import update_progress_artifact
-
-                pct = 100.0 * self.files / self.files_total if self.files_total else 0.0
-                update_progress_artifact(self._artifact_id, progress=pct)
-            except Exception:
-                pass  # the UI missing an update must never fail the work
+            runtime().update_progress(self._artifact_id, 100.0 * self.files / self.files_total if self.files_total else 0.0)
         self._last = now
 
     def __exit__(self, *exc) -> None:

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from tasks.lake import Lake, Manifest, Production
-from tasks.stage import StageParams, in_prefect_run, run_stage
+from tasks.report import runtime
+from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, iter_documents, load, tokenizer_path
 
 CODE_VERSION = "shard/1"
@@ -32,8 +33,8 @@ CODE_VERSION = "shard/1"
 class ShardParams(StageParams):
     """The `shard` stage."""
 
-    input: str = Field("dedup", description="the dedup version to tokenise (a ref)")
-    tokenizer: str = Field("tokenizer", description="the tokenizer version (a ref)")
+    input: str = input_ref("dedup", "filter")
+    tokenizer: str = input_ref("tokenizer")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out for validation")
     shard_tokens: int = Field(16 * 2**20, ge=1024, description="target tokens per shard")
     seed: int = Field(0, ge=0, description="seed of the document shuffle")
@@ -49,11 +50,8 @@ def _unit(key: str) -> float:
 
 
 def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] = print) -> Manifest:
-    source, tok = lake.resolve(params.input), lake.resolve(params.tokenizer)
-    if source.kind not in ("dedup", "filter"):
-        raise TokenizerError(f"shard reads a dedup (or filter) version, not {source.ref}")
-    if tok.kind != "tokenizer":
-        raise TokenizerError(f"--tokenizer must be a tokenizer version, not {tok.ref}")
+    inputs = resolve_inputs(lake, params)
+    source, tok = inputs["input"], inputs["tokenizer"]
     sp = load(tokenizer_path(lake, tok.ref))
     special = check_special_tokens(sp)  # before any work: the model's life depends on them
     vocab = sp.get_piece_size()
@@ -144,9 +142,10 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
 
 
 def publish(splits: dict, ref: str) -> None:
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_table_artifact
-
     rows = [{"split": s, **c} for s in splits for c in splits[s]["shards"]]
-    create_table_artifact(key="shard-counts", table=rows, description=f"{ref}: documents and tokens per shard")
+    runtime().table("shard-counts", rows, f"{ref}: documents and tokens per shard")
+
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    return f"{x['train_tokens']:,} train / {x['val_tokens']:,} val tokens"

@@ -1,5 +1,5 @@
 """What every stage does around its own work: produce a lake version (or hit the cache),
-tell Prefect about it, and hand back a ref. Stages call `run_stage` with a build function."""
+tell the runtime (Prefect) about it, and hand back a ref. Stages call `run_stage` with a build function."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.lake import Lake, Manifest, Production
+from tasks.lake import Lake, LakeError, Manifest, Production
+from tasks.errors import StageError
+from tasks.report import runtime
 
 
-class TaskDied(RuntimeError):
+class TaskDied(StageError):
     """A worker process of a stage ended without finishing its task (killed, or crashed in C)."""
 
 
@@ -23,24 +25,44 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def input_ref(*kinds: str, many: bool = False, description: str | None = None):
+    """A parameter that names an input artifact (a ref), declared on the stage's parameter model:
+    the one place the stage graph is written. `kinds` are the kinds it accepts; the first is
+    the default (its latest version) and the kind the pipeline feeds it. `many`: a list of refs,
+    empty by default. The registry reads these to wire the pipeline, resolve and check inputs
+    before any work, and write the CLI's options."""
+    extra = {"kinds": list(kinds)}
+    what = description or f"the {' or '.join(kinds)} version{'s' if many else ''} to read (a ref{'s' if many else ''})"
+    if many:
+        return Field(default_factory=list, description=what, json_schema_extra=extra)
+    return Field(kinds[0], description=f"{what}; default: {kinds[0]}@latest", json_schema_extra=extra)
+
+
+def input_kinds(params: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    """{field: accepted kinds} of a parameter model's `input_ref` fields, in field order."""
+    return {name: tuple(f.json_schema_extra["kinds"]) for name, f in params.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and "kinds" in f.json_schema_extra}
+
+
+def resolve_inputs(lake: Lake, params: BaseModel) -> dict[str, Manifest | list[Manifest]]:
+    """Every input of a stage resolved to its committed version and checked against the kinds
+    its field accepts, before any work: {field: manifest, or a list for a `many` field}."""
+    found: dict[str, Manifest | list[Manifest]] = {}
+    for name, kinds in input_kinds(type(params)).items():
+        value = getattr(params, name)
+        ms = [lake.resolve(ref) for ref in (value if isinstance(value, list) else [value])]
+        for m in ms:
+            if m.kind not in kinds:
+                raise LakeError(f"invalid {name.replace('_', '-')}: {m.ref} is a {m.kind} version; "
+                                f"expected {' or '.join(kinds)}")
+        found[name] = ms if isinstance(value, list) else ms[0]
+    return found
+
+
 class StageParams(Strict):
     """Base of every stage's parameter model."""
 
     rebuild: bool = Field(False, description="build again even if this version exists (not part of the version)")
-
-
-def _prefect_context() -> tuple[str | None, object]:
-    """The current flow run id and a logger, inside or outside Prefect."""
-    try:
-        from prefect import runtime
-        from prefect.logging import get_run_logger
-
-        run_id = runtime.flow_run.id
-        return (str(run_id) if run_id else None), get_run_logger()
-    except Exception:
-        import logging
-
-        return None, logging.getLogger("crawl2model")
 
 
 def lineage_markdown(lake: Lake, m: Manifest) -> str:
@@ -73,28 +95,10 @@ def cache_dir(*parts: str) -> str:
     return path
 
 
-def in_prefect_run() -> bool:
-    """True inside a Prefect flow or task run: only then are there artifacts to publish."""
-    try:
-        from prefect.context import get_run_context
-
-        get_run_context()
-        return True
-    except Exception:
-        return False
-
-
 def publish(lake: Lake, m: Manifest, cached: bool) -> None:
     """A markdown artifact per stage run: its version, lineage, parameters and metrics."""
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_markdown_artifact
-
-    create_markdown_artifact(
-        key=f"{m.kind}-version",
-        markdown=lineage_markdown(lake, m) + ("\n\n_cache hit: already built_" if cached else ""),
-        description=f"{m.ref}" + (" (cache hit)" if cached else ""),
-    )
+    runtime().markdown(f"{m.kind}-version", lineage_markdown(lake, m) + ("\n\n_cache hit: already built_" if cached else ""),
+                       f"{m.ref}" + (" (cache hit)" if cached else ""))
 
 
 _BUILT_HERE: set[str] = set()  # refs this process built (a waiter that reused a racer's is not)
@@ -109,7 +113,7 @@ def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_versi
               build: Callable[[Production], None], rebuild: bool = False) -> Manifest:
     """Produce `kind` for this recipe (the parameters that define the output: they make the
     version) and these inputs, or reuse the committed version."""
-    flow_run_id, log = _prefect_context()
+    flow_run_id, log = runtime().run_id(), runtime().logger()
     started = time.time()
     with lake.produce(kind, recipe, inputs, code_version, flow_run_id=flow_run_id, rebuild=rebuild) as prod:
         if prod.cached:

@@ -35,7 +35,7 @@ from datatrove.utils.logging import logger
 from multiprocess.connection import wait
 from multiprocess.pool import RemoteTraceback
 
-from model.process import how_it_ended
+from common.process import how_it_ended
 from tasks.stage import TaskDied
 
 MAX_HTML_BYTES = 4 << 20  # pages above this are counted and skipped: extraction time must stay bounded

@@ -18,8 +18,10 @@ from typing import Callable, Iterator
 
 from pydantic import Field
 
+from tasks.errors import StageError
 from tasks.lake import Lake, LakeError, Manifest, Production
-from tasks.stage import StageParams, cache_dir, in_prefect_run, run_stage
+from tasks.report import runtime
+from tasks.stage import StageParams, cache_dir, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "tokenizer/2"
 SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -31,9 +33,9 @@ MIN_VOCAB = 1 + len(SPECIAL_TOKENS) + 256 + 64
 class TokenizerParams(StageParams):
     """The `tokenizer` stage."""
 
-    input: str = Field("dedup", description="the dedup version to sample (a ref)")
-    extra: list[str] = Field(default_factory=list,
-                             description="ingest refs of extra text files (UTF-8) to add to the sample")
+    input: str = input_ref("dedup", "filter")
+    extra: list[str] = input_ref("ingest", many=True,
+                                 description="ingest refs of extra text files (UTF-8) to add to the sample")
     vocab_size: int = Field(32768, ge=MIN_VOCAB, le=1_000_000)
     sample_bytes: int = Field(200_000_000, ge=1000, description="training sample size")
     holdout_fraction: float = Field(0.05, gt=0, lt=0.5, description="documents held out for evaluation")
@@ -44,7 +46,7 @@ class TokenizerParams(StageParams):
         return self.model_dump(mode="json", exclude={"input", "rebuild", "extra", "threads"})
 
 
-class TokenizerError(Exception):
+class TokenizerError(StageError):
     pass
 
 
@@ -98,13 +100,8 @@ def check_special_tokens(sp) -> dict[str, int]:
 
 
 def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], None] = print) -> Manifest:
-    source = lake.resolve(params.input)
-    if source.kind not in ("dedup", "filter"):
-        raise TokenizerError(f"tokenizer reads a dedup (or filter) version, not {source.ref}")
-    extras = [lake.resolve(r) for r in params.extra]
-    for e in extras:
-        if e.kind != "ingest":
-            raise TokenizerError(f"--extra takes ingest versions of text files, not {e.ref}")
+    inputs = resolve_inputs(lake, params)
+    source, extras = inputs["input"], inputs["extra"]
     if not source.metrics.get("documents") and not extras:
         raise TokenizerError(f"{source.ref} holds no documents: nothing to train on")
 
@@ -234,18 +231,14 @@ def render_terminal(sp, text: str):
 
 
 def publish(report: dict, ref: str) -> None:
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     rows = [{"metric": "bytes per token (held out)", "ours": report["bytes_per_token"],
              "cl100k (GPT-4)": report["cl100k_bytes_per_token"]},
             {"metric": "vocabulary size", "ours": report["vocab_size"], "cl100k (GPT-4)": report["cl100k_vocab_size"]},
             {"metric": "round trip exact", "ours": report["roundtrip_exact"], "cl100k (GPT-4)": 1.0},
             {"metric": "vocabulary used on held-out text", "ours": report["vocab_used"], "cl100k (GPT-4)": ""}]
-    create_table_artifact(key="tokenizer-eval", table=rows, description=f"tokenizer eval of {ref}")
-    create_markdown_artifact(key="tokenizer-example", markdown=f"# Tokens of a held-out document\n\n{report['example']}",
-                             description=f"{ref}: a held-out text split into tokens (hover for ids)")
+    runtime().table("tokenizer-eval", rows, f"tokenizer eval of {ref}")
+    runtime().markdown("tokenizer-example", f"# Tokens of a held-out document\n\n{report['example']}",
+                       f"{ref}: a held-out text split into tokens (hover for ids)")
 
 
 def tokenizer_path(lake: Lake, ref: str) -> str:
@@ -265,3 +258,11 @@ def tokenizer_path(lake: Lake, ref: str) -> str:
             dst.write(src.read())
         os.replace(tmp, path)
     return path
+
+
+def summary(x: dict) -> str:
+    """The version's key numbers, one line (the CLI, the pipeline's summary table)."""
+    if x.get("bytes_per_token") is None:
+        return f"vocab {x['vocab_size']:,}, not evaluated (no held-out text)"
+    return (f"vocab {x['vocab_size']:,}, {x['bytes_per_token']:.2f} bytes/token "
+            f"(cl100k {x['cl100k_bytes_per_token']:.2f}), round trip {x['roundtrip_exact']:.0%}")

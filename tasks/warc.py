@@ -15,10 +15,12 @@ from typing import BinaryIO
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
+from tasks.errors import BadInput
+
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class WarcError(Exception):
+class WarcError(BadInput):
     """A file that is not a complete, parseable WARC. The message names the file."""
 
 

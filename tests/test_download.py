@@ -43,7 +43,7 @@ def test_crawl_download_survives_faults_and_matches_originals(cc_root, originals
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
 
-    from flows.download import download as download_flow
+    from flows.stages import download as download_flow
 
     big, cc, wget = "ia-2008-heritrix.warc.gz", "cc-main-2020-34-excerpt.warc.gz", "wget-sample-0000.warc.gz"
     faults = {big: ["503", "drop", "ok"], cc: ["429", "drop", "drop"], wget: ["slow"],
@@ -184,7 +184,7 @@ def test_bad_sources_fail_clearly(cc_root, tmp_path):
     (["--files", "/nonexistent.warc.gz"], "invalid files: /nonexistent.warc.gz: no such file"),
     (["--urls", "ftp://x/y.warc.gz"], "invalid urls: invalid URL 'ftp://x/y.warc.gz'"),
     (["--base-url", "gopher://x/"], "invalid base-url: invalid base_url 'gopher://x/'"),
-    (["--crawl", "X", "--urls", "http://a/b"], "not allowed with argument"),
+    (["--crawl", "X", "--urls", "http://a/b"], "give one source: crawl, urls or files (got crawl, urls)"),
     (["--max-records", "0"], "invalid max-records"),
 ])
 def test_invalid_parameters_are_refused_before_work(tmp_path, args, message):

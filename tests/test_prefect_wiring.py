@@ -14,7 +14,7 @@ def test_ingest_flow_commits_through_the_lake(prefect_harness, shared_data, tmp_
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.ingest import ingest
+    from flows.stages import ingest
     from tasks.ingest import IngestParams
 
     files = [str(shared_data / "text" / "botchan.txt"), str(shared_data / "text" / "tinyshakespeare.txt")]
@@ -56,7 +56,7 @@ def test_flows_refuse_bad_parameters_before_a_run_starts(prefect_harness, tmp_pa
     from prefect.exceptions import ParameterTypeError
 
     from flows.pipeline import pipeline
-    from flows.tokenizer import tokenizer
+    from flows.stages import tokenizer
 
     lake_url = str(tmp_path / "lake")
     for flow, params, field in [(tokenizer, {"vocab_size": 3}, "vocab_size"),

@@ -1,0 +1,74 @@
+"""Prefect's side of tasks/report.py: run ids, the run logger, artifacts in the UI and Secret
+blocks. Installed when flows/ is imported; every call works outside a run too (it then falls
+back to the quiet default), and a UI update that fails never fails the work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.report import Runtime
+
+
+def in_run() -> bool:
+    """True inside a Prefect flow or task run: only then are there artifacts to publish."""
+    try:
+        from prefect.context import get_run_context
+
+        get_run_context()
+        return True
+    except Exception:
+        return False
+
+
+class PrefectRuntime(Runtime):
+    def run_id(self) -> str | None:
+        if not in_run():
+            return None
+        from prefect import runtime
+
+        run_id = runtime.flow_run.id
+        return str(run_id) if run_id else None
+
+    def logger(self):
+        if not in_run():
+            return super().logger()
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+
+    def markdown(self, key: str, markdown: str, description: str) -> None:
+        if in_run():
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(key=key, markdown=markdown, description=description)
+
+    def table(self, key: str, rows: list[dict], description: str) -> None:
+        if in_run():
+            from prefect.artifacts import create_table_artifact
+
+            create_table_artifact(key=key, table=rows, description=description)
+
+    def progress(self, description: str, key: str | None = None) -> Any:
+        if not in_run():
+            return None
+        from prefect.artifacts import create_progress_artifact
+
+        try:
+            return create_progress_artifact(0.0, key=key, description=description)
+        except Exception:
+            return None  # the UI missing a bar must never fail the work
+
+    def update_progress(self, handle: Any, percent: float, description: str | None = None) -> None:
+        if handle is None:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(handle, progress=percent, description=description)
+        except Exception:
+            pass
+
+    def secret(self, name: str) -> Any:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(name).get()

@@ -1,0 +1,100 @@
+"""The stages, each declared once. Everything that lists stages is derived from this registry:
+the pipeline's order and wiring (flows/pipeline.py), the CLI's `stage` commands and their
+options (flows/cli.py), the Prefect flows (flows/stages.py) and the deployments (prefect.yaml,
+deployments/serve.py). Adding a stage is one tasks/ module and one `Stage` record here.
+
+A stage's inputs are declared where its parameters are: the `input_ref` fields of its
+parameter model (tasks/stage.py) name the kinds it reads, the first being the default.
+
+Stages from outside this package (an extension, a test's toy stage) are added by listing
+their modules in $CRAWL2MODEL_PLUGINS (comma-separated); each module calls `register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from pydantic import ValidationError
+
+from tasks import dedup, download, filter as filter_, ingest, pretrain, shard, tokenizer
+from tasks.lake import Lake, Manifest
+from tasks.stage import StageParams, input_kinds
+
+PLUGINS_ENV = "CRAWL2MODEL_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                                    # the stage, its flow and the kind of artifact it writes
+    params: type[StageParams]                    # its parameters: the flow's signature, the CLI's options, the UI form
+    build: Callable[..., Manifest]               # build(lake, params, log) -> the committed (or cached) manifest
+    summary: Callable[[dict], str]               # one line of key numbers from the manifest's metrics
+    description: str                             # one line: CLI help, the deployment's description
+    pool: Literal["data", "gpu"] = "data"        # the work pool its deployment runs on
+    in_pipeline: bool = True                     # a step of `pipeline` (ingest is run by hand)
+    details: Callable[[dict], tuple[str, list[dict]]] | None = None  # a table for the terminal after the summary
+    comma_lists: tuple[str, ...] = field(default=())  # list options the CLI also accepts comma-separated
+
+    @property
+    def inputs(self) -> dict[str, tuple[str, ...]]:
+        """{parameter: accepted kinds}; the first kind is the default and what the pipeline feeds."""
+        return input_kinds(self.params)
+
+    def defaults(self) -> StageParams | None:
+        """The parameters a run starts from; None when some have no default (ingest's files)."""
+        try:
+            return self.params()
+        except ValidationError:
+            return None
+
+    def run(self, lake: Lake, params: StageParams, log: Callable[[str], None] = print) -> Manifest:
+        return self.build(lake, params, log)
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add a stage after those already registered (the pipeline runs them in this order)."""
+    if stage.name in STAGES and STAGES[stage.name] != stage:
+        raise ValueError(f"stage {stage.name!r} is registered twice")
+    for name, kinds in stage.inputs.items():
+        if kinds[0] not in STAGES and kinds[0] != stage.name:
+            raise ValueError(f"stage {stage.name!r}: input {name!r} reads {kinds[0]!r}, which is not a stage "
+                             "registered before it")
+    STAGES[stage.name] = stage
+    return stage
+
+
+for _stage in [
+    Stage("ingest", ingest.IngestParams, ingest.ingest_files, ingest.summary,
+          "local files into the lake as one content-addressed artifact", in_pipeline=False),
+    Stage("download", download.DownloadParams, download.download, download.summary,
+          "Common Crawl WARC files into the lake, verified"),
+    Stage("filter", filter_.FilterParams, filter_.filter_documents, filter_.summary,
+          "WARC -> text -> FineWeb quality filters -> Parquet documents",
+          details=lambda x: ("filter funnel", x["funnel"]), comma_lists=("languages",)),
+    Stage("dedup", dedup.DedupParams, dedup.dedup_documents, dedup.summary,
+          "exact and MinHash near-duplicate removal"),
+    Stage("tokenizer", tokenizer.TokenizerParams, tokenizer.train_tokenizer, tokenizer.summary,
+          "a lossless sentencepiece BPE tokenizer trained on the corpus"),
+    Stage("shard", shard.ShardParams, shard.shard_documents, shard.summary,
+          "the corpus tokenised into Parquet token shards"),
+    Stage("pretrain", pretrain.PretrainParams, pretrain.pretrain, pretrain.summary,
+          "a GPT trained with torchrun on a shard version", pool="gpu"),
+]:
+    register(_stage)
+
+for _module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+    importlib.import_module(_module)
+
+
+def stage(name: str) -> Stage:
+    return STAGES[name]
+
+
+def pipeline_stages() -> list[Stage]:
+    return [s for s in STAGES.values() if s.in_pipeline]
