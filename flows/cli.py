@@ -205,14 +205,13 @@ def prefect_api() -> None:
     DiesWithUs().start()
 
 
-def stop_prefect_api() -> None:
-    """Stop the temporary Prefect server now, if this command started one (else at exit)."""
-    if "prefect.server.api.server" in sys.modules:
-        from prefect.server.api.server import SubprocessASGIServer
+def quiet_prefect_exit() -> None:
+    """Prefect logs "Stopping temporary server" at exit, after our error line: silence its INFO
+    lines from here on, so that the one line stays the last (the server still stops at exit,
+    after the run's last logs were sent to it)."""
+    import logging
 
-        server = SubprocessASGIServer._instances.get(None)
-        if server is not None and server.running:
-            server.stop()
+    logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 def _override(spec: list[str] | None) -> dict:
@@ -453,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefect_api()  # the lake's credentials come through the Prefect API
         return args.func(Lake(args.lake), args)
     except StageError as e:  # usage, bad input, a run that failed: one line, no traceback
-        stop_prefect_api()  # its goodbye is logged before our line, which stays the last
+        quiet_prefect_exit()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
