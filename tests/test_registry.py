@@ -159,3 +159,13 @@ def test_a_stage_added_through_the_registry_runs_everywhere_and_the_server_stops
                 with __import__("contextlib").suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
         assert stopped, (tmp_path / "server.log").read_text()[-3000:]
+
+
+def test_tasks_and_the_lake_import_no_prefect():
+    """tasks/ (the lake included) reports through tasks/report.py; only flows/ brings Prefect."""
+    code = ("import sys, pkgutil, importlib, tasks, common\n"
+            "for m in pkgutil.iter_modules(tasks.__path__): importlib.import_module('tasks.' + m.name)\n"
+            "import tasks.lake\n"
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'prefect', 'flows'}))")
+    r = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
