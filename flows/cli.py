@@ -494,7 +494,8 @@ def build_parser() -> Parser:
 
     pt = ssub.add_parser("pretrain", help="train a GPT with torchrun on a shard version")
     pt.add_argument("--input", help="shard version (default: shard@latest)")
-    pt.add_argument("--preset", choices=["tiny", "gpt2-small", "gpt2-medium", "1b"])
+    from model.config import PRESETS  # the model sizes, listed once (torch-free, unlike model/gpt.py)
+    pt.add_argument("--preset", choices=list(PRESETS))
     pt.add_argument("--max-steps", type=int)
     pt.add_argument("--nproc-per-node", type=int)
     pt.add_argument("--nnodes", type=int)
