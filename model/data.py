@@ -8,12 +8,15 @@ Documents are already shuffled (with a seed) by the shard stage; the loader read
 
 `ShardLoader` streams (B, T+1) windows of the concatenated token stream for rank r of w:
 ranks read disjoint shards (or disjoint row groups when there are fewer shards than ranks),
-and `state_dict()` / `load_state_dict()` resume at the exact next token.
+and `state_dict()` / `load_state_dict()` resume at the exact next token. `Prefetcher` reads
+the next batches in a background thread.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from typing import Iterator
 
 import fsspec
@@ -121,3 +124,48 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()
+
+
+class Prefetcher:
+    """Reads the next batches in a background thread (pyarrow releases the GIL) and remembers
+    the loader position after each batch, so a checkpoint records exactly what was consumed."""
+
+    def __init__(self, loader: ShardLoader, pin: bool, depth: int = 2):
+        self.loader, self.pin = loader, pin
+        self.state = loader.state_dict()
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                x, y = self.loader.next_batch()
+                if self.pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                self._put((x, y, self.loader.state_dict()))
+        except BaseException as e:  # handed to the consumer
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        x, y, self.state = item
+        return x, y
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)

@@ -312,15 +312,17 @@ def test_fsdp_resume_matches(shards, tmp_path):
 
 
 def test_lr_schedules():
+    from dataclasses import replace
+
     from model.train import lr_at, parse_args
 
-    a = parse_args(["--data", "d", "--out", "o", "--max-steps", "100", "--warmup-steps", "10", "--lr", "1.0",
-                    "--min-lr-ratio", "0.1"])
-    lrs = [lr_at(s, a) for s in range(100)]
+    cfg = parse_args(["--data", "d", "--out", "o", "--max-steps", "100", "--warmup-steps", "10", "--lr", "1.0",
+                      "--min-lr-ratio", "0.1"]).cfg
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[99] >= 0.1 and lrs[99] < 0.11
     assert all(x >= y for x, y in zip(lrs[9:], lrs[10:]))           # cosine: falls after warmup
-    a.schedule = "wsd"
-    lrs = [lr_at(s, a) for s in range(100)]
+    cfg = replace(cfg, schedule="wsd")
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert set(lrs[9:80]) == {1.0} and lrs[99] < 0.15 and all(x >= y for x, y in zip(lrs[80:], lrs[81:]))
 
 
@@ -363,3 +365,4 @@ def test_check_compares_a_resume_with_the_planned_world_size(shards, full_run):
     assert ok.returncode == 0 and "would resume from" in ok.stderr, ok.stderr[-2000:]
     single = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env())
     assert single.returncode == 2 and "world_size 2 -> 1" in single.stderr, single.stderr[-2000:]
+
