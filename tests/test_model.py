@@ -366,3 +366,54 @@ def test_check_compares_a_resume_with_the_planned_world_size(shards, full_run):
     single = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env())
     assert single.returncode == 2 and "world_size 2 -> 1" in single.stderr, single.stderr[-2000:]
 
+
+# -- one training config ------------------------------------------------------------------
+
+def test_every_training_setting_is_defined_once_and_reaches_the_trainer():
+    """model/config.py's TrainConfig is the only definition: the pretrain stage's parameters
+    (CLI --set, pipeline, Prefect form) are derived from it, and the launch hands all of them to
+    model.train, which parses them back to the same config."""
+    import typing
+    from dataclasses import fields
+
+    from flows.cli import build_parser
+    from model.config import PRESETS, TrainConfig, settings
+    from model.train import parse_args
+    from tasks.pretrain import LAUNCH_FIELDS, PretrainParams, torchrun_command
+
+    names = [f.name for f in fields(TrainConfig)]
+    assert {"min_lr_ratio", "decay_fraction", "dtype", "dropout", "sample_tokens", "temperature", "top_k",
+            "time_limit", "vocab_size", "bytes_per_token", "prompts"} <= set(names)
+    model_fields = PretrainParams.model_fields
+    assert list(model_fields) == ["rebuild", "input", *names, *LAUNCH_FIELDS]
+    defaults = TrainConfig()
+    for s in settings():
+        f = model_fields[s.name]
+        assert f.get_default(call_default_factory=True) == getattr(defaults, s.name), s.name
+        assert f.description == s.help and f.description
+    assert (defaults.max_steps, defaults.warmup_steps, defaults.eval_every, defaults.sample_every,
+            defaults.checkpoint_every) == (200, 20, 50, 100, 100)   # the stage's user-facing defaults
+    # presets: listed once, a dropdown in the form, the CLI's choices
+    assert typing.get_args(model_fields["preset"].annotation) == tuple(PRESETS)
+    assert PretrainParams.model_json_schema()["properties"]["preset"]["enum"] == list(PRESETS)
+    assert build_parser().parse_args(["stage", "pretrain", "--preset", "mini"]).preset == "mini"
+    # bounds: enforced by the stage's model and by the trainer alike
+    with pytest.raises(ValueError, match="top_k"):
+        PretrainParams(top_k=-1)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        TrainConfig(top_k=-1)
+    # a stage's settings reach model.train whole, and the version is made of exactly them
+    params = PretrainParams(preset="mini", min_lr_ratio=0.05, dtype="fp32", time_limit=60, top_k=5,
+                            prompts=["--not a flag", "Zoë"], nproc_per_node=2, timeout_s=30)
+    cmd = torchrun_command(params, "D", "O", "T")
+    job = parse_args(cmd[cmd.index("model.train") + 1:])
+    assert job.cfg == params.train_config() and (job.data, job.out, job.tokenizer) == ("D", "O", "T")
+    assert job.cfg.prompts == ["--not a flag", "Zoë"] and job.cfg.time_limit == 60.0
+    assert set(params.recipe()) == set(names)
+    assert PretrainParams(nproc_per_node=8).recipe() == PretrainParams().recipe() != params.recipe()
+    # flags override --config; unknown settings are refused
+    job = parse_args(["--data", "D", "--out", "O", "--config", '{"lr": 0.01, "max_steps": 7}', "--max-steps", "9"])
+    assert (job.cfg.lr, job.cfg.max_steps) == (0.01, 9)
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "D", "--out", "O", "--config", '{"no_such_setting": 1}'])
+
