@@ -150,3 +150,67 @@ def test_bad_input_is_refused_before_work(corpus, tmp_path):
         e.metrics["documents"] = 0
     with pytest.raises(TokenizerError, match="holds no documents"):
         train_tokenizer(lake, TokenizerParams(input=e.ref, vocab_size=4096), log=lambda m: None)
+
+
+# -- a small corpus: the five WARCs of shared/data/warc ------------------------------------
+
+def warc_record_ids(paths) -> set[str]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    ids = set()
+    for path in paths:
+        with open(path, "rb") as f:
+            ids.update(r.rec_headers.get_header("WARC-Record-ID") for r in ArchiveIterator(f))
+    return ids
+
+
+def dedup_version(lake: Lake, rows: list[dict], name: str):
+    """A `dedup` version holding these documents (id, text), as the dedup stage writes them."""
+    import io
+
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"]} for r in rows]), buf)
+    with lake.produce("dedup", {"test": name}, [], "test/1") as p:
+        if not p.cached:
+            p.write_bytes("data/000_00000.parquet", buf.getvalue())
+            p.metrics.update({"documents": len(rows), "bytes": sum(len(r["text"].encode()) for r in rows)})
+    return lake.resolve(p.ref)
+
+
+@pytest.fixture(scope="module")
+def small(corpus, shared_data, tmp_path_factory):
+    """The documents that the five WARCs (*.warc.gz) of shared/data/warc give after filter +
+    dedup: 30. The `corpus` fixture ran the real stages on those five plus three more files;
+    filtering is per document, so its dedup output restricted to the five files' records is the
+    same 30 documents (checked against the stages run on the five alone), at no extra cost; in
+    a lake of its own, so its tokenizers and shards do not mix with the corpus's."""
+    ids = warc_record_ids(sorted((shared_data / "warc").glob("*.warc.gz")))
+    rows = [d for d in iter_documents(corpus["lake"], corpus["dedup"]) if d["id"] in ids]
+    lake = Lake(str(tmp_path_factory.mktemp("small") / "lake"))
+    return {"lake": lake, "dedup": dedup_version(lake, rows, "five warcs")}
+
+
+def test_small_corpus_tokenizer_holds_out_a_document(small):
+    """30 documents and the default holdout_fraction 0.05: the hash alone holds out none of them,
+    and the stage used to fail (`no held-out documents for evaluation`)."""
+    lake, dd = small["lake"], small["dedup"]
+    assert dd.metrics["documents"] == 30
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, vocab_size=1024), log=lambda m: None)
+    assert tok.metrics["heldout_documents"] >= 1 and tok.metrics["sample_documents"] <= 29
+    assert tok.metrics["roundtrip_exact"] == 1.0 and 1.0 < tok.metrics["bytes_per_token"] < 8.0
+    report = json.loads(lake.open(tok, "eval.json").read())
+    assert report["heldout_documents"] == tok.metrics["heldout_documents"] and report["cl100k_bytes_per_token"] > 1
+
+
+def test_one_document_trains_and_says_no_evaluation(small, shared_data):
+    lake = small["lake"]
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:20_000]
+    one = dedup_version(lake, [{"id": "only", "text": text}], "one document")
+    tok = train_tokenizer(lake, TokenizerParams(input=one.ref, vocab_size=512), log=lambda m: None)
+    assert tok.metrics["heldout_documents"] == 0 and tok.metrics["sample_documents"] == 1
+    assert "no" in tok.metrics["evaluation"] and tok.metrics["bytes_per_token"] is None
+    sp = load(tokenizer_path(lake, tok.ref))
+    assert sp.decode(sp.encode(text)) == text
+
