@@ -214,3 +214,22 @@ def test_one_document_trains_and_says_no_evaluation(small, shared_data):
     sp = load(tokenizer_path(lake, tok.ref))
     assert sp.decode(sp.encode(text)) == text
 
+
+def test_small_corpus_shard_has_a_validation_document(small):
+    """A val_fraction below every document's hash sent none of them to validation."""
+    from tasks.shard import _unit
+
+    lake, dd = small["lake"], small["dedup"]
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, vocab_size=1024), log=lambda m: None)
+    fraction = min(_unit(f"val:{d['id']}") for d in iter_documents(lake, dd)) / 2
+    sh = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=fraction),
+                         log=lambda m: None)
+    assert (sh.metrics["train_documents"], sh.metrics["val_documents"]) == (29, 1) and sh.metrics["val_tokens"] > 1
+    meta = json.loads(lake.open(sh, "meta.json").read())
+    ids = [i for f in meta["splits"]["train"]["files"] + meta["splits"]["val"]["files"]
+           for i in pq.read_table(lake.open(sh, f)).column("id").to_pylist()]
+    assert sorted(ids) == sorted(d["id"] for d in iter_documents(lake, dd))  # each document once
+    # without a val fraction, no validation split
+    none = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=0), log=lambda m: None)
+    assert (none.metrics["train_documents"], none.metrics["val_documents"]) == (30, 0)
+
