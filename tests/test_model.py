@@ -417,3 +417,59 @@ def test_every_training_setting_is_defined_once_and_reaches_the_trainer():
     with pytest.raises(SystemExit):
         parse_args(["--data", "D", "--out", "O", "--config", '{"no_such_setting": 1}'])
 
+
+# -- small data on several ranks ----------------------------------------------------------
+
+def tiny_shards(folder: Path, tok: Path, train_chars: int, val_chars: int) -> Path:
+    """A shard folder of one file and one row group per split, from the start of tinyshakespeare."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    text = TEXT.read_text()
+    parts = {"train": text[:train_chars], "val": text[train_chars:train_chars + val_chars]}
+    meta = {"vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "dtype": "uint16", "splits": {}}
+    for split, part in parts.items():
+        if not part:
+            continue
+        rows = [[sp.bos_id()] + sp.encode(d) for d in part.split("\n\n") if d.strip()]
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"tokens": pa.array(rows, type=pa.list_(pa.uint16()))}),
+                       folder / split / "shard-00000.parquet")
+        meta["splits"][split] = {"files": [f"{split}/shard-00000.parquet"], "documents": len(rows),
+                                 "tokens": sum(map(len, rows))}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_two_ranks_train_on_a_single_row_group(shards, tmp_path):
+    """A shard of one row group per split (a small corpus): both ranks train and evaluate on
+    their own token ranges (it used to stop with `rank 1 of 2 gets no data`)."""
+    _, tok = shards
+    data = tiny_shards(tmp_path / "data", tok, 6000, 1500)
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "model.train", "--data", str(data),
+           "--out", str(tmp_path / "o"), "--tokenizer", str(tok), "--preset", "tiny", "--max-steps", "4",
+           "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--eval-every", "2", "--eval-steps", "2",
+           "--sample-every", "0", "--checkpoint-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+    no_abort(proc)
+    steps = steps_of(proc.stdout)
+    assert sorted(steps) == [1, 2, 3, 4] and "val_loss" in steps[2] and "val_loss" in steps[4]
+    hashes = {json.loads(line)["param_sha256"] for line in proc.stderr.splitlines() if line.startswith('{"rank"')}
+    assert len(hashes) == 1
+
+
+def test_too_few_tokens_for_the_ranks_is_a_usage_error(shards, tmp_path, capsys, monkeypatch):
+    """The check before a 2-rank launch (WORLD_SIZE=2) names the numbers."""
+    _, tok = shards
+    data = tiny_shards(tmp_path / "data", tok, 300, 0)
+    tokens = json.loads((data / "meta.json").read_text())["splits"]["train"]["tokens"]
+    assert 129 < tokens < 2 * 129  # enough for one rank at seq_len 128, not for two
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, err = train_inproc(capsys, "--data", data, "--out", tmp_path / "o", "--seq-len", "128", "--check")
+    assert code == 2, err
+    assert f"train split: {tokens} tokens in 1 shard file(s) are too few for 2 rank(s) at seq_len 128" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code, err = train_inproc(capsys, "--data", data, "--out", tmp_path / "o", "--seq-len", "128", "--check")
+    assert code == 0, err

@@ -233,3 +233,42 @@ def test_small_corpus_shard_has_a_validation_document(small):
     none = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=0), log=lambda m: None)
     assert (none.metrics["train_documents"], none.metrics["val_documents"]) == (30, 0)
 
+
+def test_ranks_share_one_row_group_by_token_ranges(small):
+    """The small corpus's shard is one row group: 2 to 8 ranks each read their own contiguous
+    token range of it, together all of it, and resume exactly; too few tokens is a clear error."""
+    import numpy as np
+
+    lake, dd = small["lake"], small["dedup"]
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, vocab_size=1024), log=lambda m: None)
+    sh = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref), log=lambda m: None)
+    files = shard_files(lake.path("shard", sh.version), "train")
+    assert len(files) == 1 and pq.ParquetFile(files[0]).metadata.num_row_groups == 1
+    stream = np.concatenate(pq.read_table(files[0]).column("tokens").to_pylist())
+    total = len(stream)
+    assert total == sh.metrics["train_tokens"] > 30_000
+    T = 64
+    for world in (2, 3, 8):
+        loaders = [ShardLoader(files, 2, T, rank=r, world_size=world) for r in range(world)]
+        ranges = [(u.start, u.stop) for ld in loaders for u in ld.units]
+        assert ranges == [(r * total // world, (r + 1) * total // world) for r in range(world)]
+        for r, ld in enumerate(loaders):  # each rank starts reading where its range does
+            x, y = ld.next_batch()
+            start = r * total // world
+            assert x.flatten().tolist() == stream[start:start + 2 * T].tolist()
+            assert y.flatten().tolist() == stream[start + 1:start + 2 * T + 1].tolist()
+    # exact resume within a token range, across its end (an epoch)
+    a = ShardLoader(files, 16, 128, rank=1, world_size=2)
+    for _ in range(3):
+        a.next_batch()
+    state = a.state_dict()
+    after = [a.next_batch() for _ in range(15)]
+    assert a.state_dict()["epoch"] >= 1
+    b = ShardLoader(files, 16, 128, rank=1, world_size=2)
+    b.load_state_dict(json.loads(json.dumps(state)))
+    assert all(x1.equal(x2) and y1.equal(y2) for (x1, y1), (x2, y2) in zip(after, (b.next_batch() for _ in range(15))))
+    # fewer tokens than ranks x (seq_len + 1): refused, naming the numbers
+    T = total // 2
+    with pytest.raises(ValueError, match=f"{total:,} tokens in 1 shard file.* too few for 2 rank.*seq_len {T}"):
+        ShardLoader(files, 1, T, rank=0, world_size=2)
+    ShardLoader(files, 1, T, rank=0, world_size=1)  # one rank: enough
