@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from pydantic import Field, create_model, field_validator
 
-from model.config import TrainConfig, settings
+from model.config import PRESETS, TrainConfig, settings
 from tasks.lake import Lake, Manifest, Production, s3_credentials
 from tasks.stage import StageParams, in_prefect_run, run_stage
 
@@ -66,6 +66,16 @@ class PretrainParams(create_model("_TrainSettings", __base__=_Input, __module__=
     def _endpoint(cls, v: str | None) -> str | None:
         if v is not None and (":" not in v or not v.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"invalid rdzv endpoint {v!r}: expected HOST:PORT")
+        return v
+
+    @field_validator("seq_len")
+    @classmethod
+    def _fits_the_model(cls, v: int | None, info) -> int | None:
+        """Checked here too (model.train checks it at launch), so a pipeline stops before its
+        data stages run rather than after."""
+        preset = info.data.get("preset")
+        if v is not None and preset in PRESETS and v > PRESETS[preset]["seq_len"]:
+            raise ValueError(f"{v} exceeds the {preset} preset's context of {PRESETS[preset]['seq_len']} tokens")
         return v
 
     def train_config(self) -> TrainConfig:

@@ -418,6 +418,21 @@ def test_every_training_setting_is_defined_once_and_reaches_the_trainer():
         parse_args(["--data", "D", "--out", "O", "--config", '{"no_such_setting": 1}'])
 
 
+def test_pipeline_presets_fit_their_models():
+    """The `small` pipeline preset asked the tiny model (context 128) for seq_len 256: the run
+    would have failed at pretrain, after all its data stages. Now refused when the parameters
+    are made, and the preset trains the mini model."""
+    from model.config import PRESETS
+    from tasks.pretrain import PretrainParams
+    from tasks.presets import preset
+
+    for name in ("demo", "small", "gpt2"):
+        p = preset(name)["pretrain"]
+        assert p.seq_len is None or p.seq_len <= PRESETS[p.preset]["seq_len"], name
+    with pytest.raises(ValueError, match="(?s)seq_len.*256 exceeds the tiny preset's context of 128"):
+        PretrainParams(preset="tiny", seq_len=256)
+
+
 # -- small data on several ranks ----------------------------------------------------------
 
 def tiny_shards(folder: Path, tok: Path, train_chars: int, val_chars: int) -> Path:
