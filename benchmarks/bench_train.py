@@ -112,7 +112,7 @@ def ours(data: Path, out: Path) -> float:
     proc = subprocess.run(
         [sys.executable, "-m", "model.train", "--data", str(data), "--out", str(out), "--preset", "mini",
          "--batch-size", str(B), "--seq-len", str(T), "--max-steps", str(STEPS), "--warmup-steps", "2",
-         "--eval-every", "0", "--checkpoint-every", "0"],
+         "--eval-every", "0", "--sample-every", "0", "--checkpoint-every", "0"],
         capture_output=True, text=True, env=env(), cwd=ROOT, check=True)
     return statistics.median(rates(proc.stdout))
 

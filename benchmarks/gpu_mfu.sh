@@ -47,7 +47,7 @@ run() {  # run NAME DATA: train for SECONDS_PER_RUN seconds, then summarise its 
   if [ "$COMPILE" = 1 ]; then extra+=(--compile); fi
   echo "== $name: $PRESET, $NPROC GPU(s), batch $BATCH x $SEQ per GPU, ${SECONDS_PER_RUN}s" >&2
   "${launch[@]}" --data "$data" --out "$WORK/out-$name" --preset "$PRESET" --batch-size "$BATCH" \
-      --seq-len "$SEQ" --max-steps 1000000 --warmup-steps 100 --eval-every 0 --checkpoint-every -1 \
+      --seq-len "$SEQ" --max-steps 1000000 --warmup-steps 100 --eval-every 0 --sample-every 0 --checkpoint-every -1 \
       --time-limit "$SECONDS_PER_RUN" --dtype bf16 "${extra[@]}" > "$WORK/$name.jsonl"
   "$PY" - "$WORK/$name.jsonl" "$name" "$SKIP" <<'EOF'
 import json, statistics, sys

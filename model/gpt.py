@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model.config import PRESETS  # the model sizes by name (listed there: no torch needed to read them)
+
 
 @dataclass
 class GPTConfig:
@@ -30,16 +32,6 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# Model sizes by name; the vocabulary size comes from the data (the tokenizer).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=128),            # ~0.8M + vocab: CPU, minutes
-    "mini": dict(n_layer=6, n_head=8, n_embd=256, seq_len=256),            # ~4.7M + vocab: CPU benchmark
-    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024),   # 124M with GPT-2's vocab
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, seq_len=1024),  # 350M with GPT-2's vocab
-    "1b": dict(n_layer=20, n_head=16, n_embd=2048, seq_len=2048),          # 1.0B + vocab
-}
 
 
 def config_from_preset(name: str, **overrides) -> GPTConfig:

@@ -25,7 +25,7 @@ def preset(name: str, demo_base_url: str | None = None) -> dict:
         return {"download": DownloadParams(crawl="latest", segments=2, max_records=20_000),
                 "filter": FilterParams(tasks=8, workers=8), "dedup": DedupParams(tasks=8, workers=8),
                 "tokenizer": TokenizerParams(vocab_size=16384), "shard": ShardParams(),
-                "pretrain": PretrainParams(preset="tiny", max_steps=2000, batch_size=32, seq_len=256)}
+                "pretrain": PretrainParams(preset="mini", max_steps=2000, batch_size=32, seq_len=256)}
     if name == "gpt2":  # GPT-2 small on a real crawl slice: a multi-GPU job
         return {"download": DownloadParams(crawl="latest", segments=100),
                 "filter": FilterParams(tasks=64, workers=32), "dedup": DedupParams(tasks=64, workers=32),

@@ -19,49 +19,49 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Literal
+from typing import Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 
+from model.config import PRESETS, TrainConfig, settings
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production, s3_credentials
 from tasks.report import runtime
 from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
-CODE_VERSION = "pretrain/2"
-DEFAULT_PROMPTS = ["The ", "In the beginning", "Python is"]
+CODE_VERSION = "pretrain/3"  # 3: every TrainConfig setting is a parameter (and part of the version)
 
 
-class PretrainParams(StageParams):
-    """The `pretrain` stage. Launch settings (processes, nodes, timeout) are not part of the
-    version; everything that shapes the weights is."""
+def pydantic_fields(config: type) -> dict[str, Any]:
+    """A settings dataclass's fields as pydantic field definitions: the same types (a Literal
+    becomes a dropdown in the Prefect form), defaults, bounds (ge/gt/le/lt) and help
+    (the description)."""
+    fields = {}
+    for s in settings(config):
+        default = {"default_factory": s.factory} if s.factory is not None else {"default": s.default}
+        fields[s.name] = (s.type, Field(**default, description=s.help, **s.bounds))
+    return fields
 
+
+class _Input(StageParams):
     input: str = input_ref("shard")
-    preset: Literal["tiny", "gpt2-small", "gpt2-medium", "1b"] = "tiny"
-    max_steps: int = Field(200, ge=1)
-    batch_size: int = Field(8, ge=1, description="micro-batch per rank (sequences)")
-    seq_len: int | None = Field(None, ge=8, description="context length (default: the preset's)")
-    tokens_per_step: int | None = Field(None, ge=1, description="gradient accumulation target")
-    lr: float = Field(6e-4, gt=0, lt=1)
-    warmup_steps: int = Field(20, ge=0)
-    schedule: Literal["cosine", "wsd"] = "cosine"
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    eval_every: int = Field(50, ge=0)
-    eval_steps: int = Field(10, ge=1)
-    sample_every: int = Field(100, ge=0)
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    checkpoint_every: int = Field(100, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    seed: int = Field(1337, ge=0)
-    compile: bool = False
-    fsdp: bool = False
-    activation_checkpointing: bool = False
+
+
+TRAIN_FIELDS = [s.name for s in settings(TrainConfig)]
+LAUNCH_FIELDS = ["nproc_per_node", "nnodes", "rdzv_endpoint", "timeout_s"]
+
+
+class PretrainParams(create_model("_TrainSettings", __base__=_Input, __module__=__name__,
+                                  **pydantic_fields(TrainConfig))):
+    """The `pretrain` stage: the shard version to train on, every training setting of
+    model/config.py's TrainConfig (they make the version), and how to launch (processes,
+    nodes, timeout: not part of the version)."""
+
     # how it runs, not what it makes:
-    nproc_per_node: int = Field(1, ge=1, le=1024)
-    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="training processes per node (GPUs)")
+    nnodes: int = Field(1, ge=1, description="nodes (machines) of a multi-node run")
     rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the rendezvous for multi-node")
-    timeout_s: float = Field(24 * 3600, gt=0)
+    timeout_s: float = Field(24 * 3600, gt=0, description="kill the training after this many seconds")
 
     @field_validator("rdzv_endpoint")
     @classmethod
@@ -70,26 +70,23 @@ class PretrainParams(StageParams):
             raise ValueError(f"invalid rdzv endpoint {v!r}: expected HOST:PORT")
         return v
 
-    def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "rebuild", "nproc_per_node", "nnodes",
-                                                     "rdzv_endpoint", "timeout_s"})
+    @field_validator("seq_len")
+    @classmethod
+    def _fits_the_model(cls, v: int | None, info) -> int | None:
+        """Checked here too (model.train checks it at launch), so a pipeline stops before its
+        data stages run rather than after."""
+        preset = info.data.get("preset")
+        if v is not None and preset in PRESETS and v > PRESETS[preset]["seq_len"]:
+            raise ValueError(f"{v} exceeds the {preset} preset's context of {PRESETS[preset]['seq_len']} tokens")
+        return v
 
-    def train_args(self) -> list[str]:
-        args = ["--preset", self.preset, "--max-steps", str(self.max_steps), "--batch-size", str(self.batch_size),
-                "--lr", str(self.lr), "--warmup-steps", str(self.warmup_steps), "--schedule", self.schedule,
-                "--weight-decay", str(self.weight_decay), "--grad-clip", str(self.grad_clip),
-                "--eval-every", str(self.eval_every), "--eval-steps", str(self.eval_steps),
-                "--sample-every", str(self.sample_every), "--checkpoint-every", str(self.checkpoint_every),
-                "--keep-checkpoints", str(self.keep_checkpoints), "--seed", str(self.seed)]
-        if self.seq_len:
-            args += ["--seq-len", str(self.seq_len)]
-        if self.tokens_per_step:
-            args += ["--tokens-per-step", str(self.tokens_per_step)]
-        for p in self.prompts:
-            args += ["--prompt", p]
-        args += ["--compile"] * self.compile + ["--fsdp"] * self.fsdp
-        args += ["--activation-checkpointing"] * self.activation_checkpointing
-        return args
+    def train_config(self) -> TrainConfig:
+        """The training settings, for model.train (`--config` takes its JSON)."""
+        return TrainConfig.from_dict(self.model_dump(include=set(TRAIN_FIELDS)))
+
+    def recipe(self) -> dict:
+        """What makes the version: every training setting (not the input ref, rebuild or launch)."""
+        return self.model_dump(mode="json", include=set(TRAIN_FIELDS))
 
 
 class PretrainError(StageError):
@@ -103,8 +100,12 @@ def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str
                      "--rdzv-endpoint", params.rdzv_endpoint or "127.0.0.1:29500"]
     else:
         launcher += ["--standalone"]
-    return launcher + ["-m", "model.train", "--data", data, "--out", out, "--tokenizer", tokenizer,
-                       *params.train_args()]
+    return launcher + ["-m", "model.train", *train_argv(params, data, out, tokenizer)]
+
+
+def train_argv(params: PretrainParams, data: str, out: str, tokenizer: str) -> list[str]:
+    """model.train's arguments: where to read and write, and all the settings as one JSON."""
+    return ["--data", data, "--out", out, "--tokenizer", tokenizer, "--config", params.train_config().to_json()]
 
 
 def torchrun_env(params: PretrainParams) -> dict[str, str]:
@@ -246,8 +247,8 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         cmd = torchrun_command(params, data, out, tokenizer)
         # a quick check of the inputs first: bad shapes and vocabularies fail before the launch
         env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
-        check = subprocess.run([sys.executable, "-m", "model.train", "--data", data, "--out", out,
-                                "--tokenizer", tokenizer, *params.train_args(), "--check"],
+        check = subprocess.run([sys.executable, "-m", "model.train", *train_argv(params, data, out, tokenizer),
+                                "--check"],
                                capture_output=True, text=True,
                                # the world size torchrun will give: a resume check compares like with like
                                env={**os.environ, **env, "RANK": "0",
@@ -255,7 +256,8 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if check.returncode != 0:
             msg = (check.stderr.strip() or check.stdout.strip()).splitlines()
-            raise PretrainError(msg[-1] if msg else f"model.train --check failed ({check.returncode})")
+            raise PretrainError(msg[-1].removeprefix("error: ") if msg else f"model.train --check failed ({check.returncode})",
+                                bad_input=check.returncode == 2)  # model.train: 2 is bad input
         log("launching: " + " ".join(cmd))
         progress = _Progress(params.max_steps, log)
         run_torchrun(cmd, params.timeout_s, progress, env=env)

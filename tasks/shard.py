@@ -27,7 +27,7 @@ from tasks.report import runtime
 from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, iter_documents, load, tokenizer_path
 
-CODE_VERSION = "shard/1"
+CODE_VERSION = "shard/2"  # 2: at least one validation document whenever there can be one
 
 
 class ShardParams(StageParams):
@@ -75,14 +75,20 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
 
             docs = {"train": 0, "val": 0}
             batch: list[dict] = []
+            first = [(2.0, "")]  # (val hash, id) of the document likeliest to go to validation
+
+            def bucket(split: str, key: float) -> int:
+                return min(int(key * buckets[split]), buckets[split] - 1)
 
             def flush() -> None:
                 ids = sp.encode([d["text"] for d in batch], num_threads=params.threads)
                 rows: dict[tuple[str, int], list] = {}
                 for d, toks in zip(batch, ids):
-                    split = "val" if _unit(f"val:{d['id']}") < params.val_fraction else "train"
+                    h = _unit(f"val:{d['id']}")
+                    first[0] = min(first[0], (h, d["id"]))
+                    split = "val" if h < params.val_fraction else "train"
                     key = _unit(f"{params.seed}:{d['id']}")
-                    b = min(int(key * buckets[split]), buckets[split] - 1)
+                    b = bucket(split, key)
                     rows.setdefault((split, b), []).append((key, d["id"], [special[BOS], *toks]))
                     docs[split] += 1
                 for (split, b), rs in rows.items():
@@ -100,6 +106,21 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
                 flush()
             for w in writers.values():
                 w.close()
+            if params.val_fraction > 0 and docs["val"] == 0 and docs["train"] >= 2:
+                # a small corpus where the hash sent nothing to validation: move the document
+                # closest to it there, so there is always something to validate on
+                doc_id = first[0][1]
+                key = _unit(f"{params.seed}:{doc_id}")
+                path = os.path.join(tmp, f"train-{bucket('train', key)}.parquet")
+                table = pq.read_table(path)
+                moved = pc.equal(table.column("id"), doc_id)
+                rest = table.filter(pc.invert(moved))
+                if len(rest):
+                    pq.write_table(rest, path)
+                else:
+                    os.remove(path)
+                pq.write_table(table.filter(moved), os.path.join(tmp, f"val-{bucket('val', key)}.parquet"))
+                docs["train"], docs["val"] = docs["train"] - 1, 1
 
             splits = {}
             for split in ("train", "val"):

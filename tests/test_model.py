@@ -312,15 +312,17 @@ def test_fsdp_resume_matches(shards, tmp_path):
 
 
 def test_lr_schedules():
+    from dataclasses import replace
+
     from model.train import lr_at, parse_args
 
-    a = parse_args(["--data", "d", "--out", "o", "--max-steps", "100", "--warmup-steps", "10", "--lr", "1.0",
-                    "--min-lr-ratio", "0.1"])
-    lrs = [lr_at(s, a) for s in range(100)]
+    cfg = parse_args(["--data", "d", "--out", "o", "--max-steps", "100", "--warmup-steps", "10", "--lr", "1.0",
+                      "--min-lr-ratio", "0.1"]).cfg
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[99] >= 0.1 and lrs[99] < 0.11
     assert all(x >= y for x, y in zip(lrs[9:], lrs[10:]))           # cosine: falls after warmup
-    a.schedule = "wsd"
-    lrs = [lr_at(s, a) for s in range(100)]
+    cfg = replace(cfg, schedule="wsd")
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert set(lrs[9:80]) == {1.0} and lrs[99] < 0.15 and all(x >= y for x, y in zip(lrs[80:], lrs[81:]))
 
 
@@ -363,3 +365,126 @@ def test_check_compares_a_resume_with_the_planned_world_size(shards, full_run):
     assert ok.returncode == 0 and "would resume from" in ok.stderr, ok.stderr[-2000:]
     single = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env())
     assert single.returncode == 2 and "world_size 2 -> 1" in single.stderr, single.stderr[-2000:]
+
+
+# -- one training config ------------------------------------------------------------------
+
+def test_every_training_setting_is_defined_once_and_reaches_the_trainer():
+    """model/config.py's TrainConfig is the only definition: the pretrain stage's parameters
+    (CLI --set, pipeline, Prefect form) are derived from it, and the launch hands all of them to
+    model.train, which parses them back to the same config."""
+    import typing
+    from dataclasses import fields
+
+    from flows.cli import build_parser
+    from model.config import PRESETS, TrainConfig, settings
+    from model.train import parse_args
+    from tasks.pretrain import LAUNCH_FIELDS, PretrainParams, torchrun_command
+
+    names = [f.name for f in fields(TrainConfig)]
+    assert {"min_lr_ratio", "decay_fraction", "dtype", "dropout", "sample_tokens", "temperature", "top_k",
+            "time_limit", "vocab_size", "bytes_per_token", "prompts"} <= set(names)
+    model_fields = PretrainParams.model_fields
+    assert list(model_fields) == ["rebuild", "input", *names, *LAUNCH_FIELDS]
+    defaults = TrainConfig()
+    for s in settings():
+        f = model_fields[s.name]
+        assert f.get_default(call_default_factory=True) == getattr(defaults, s.name), s.name
+        assert f.description == s.help and f.description
+    assert (defaults.max_steps, defaults.warmup_steps, defaults.eval_every, defaults.sample_every,
+            defaults.checkpoint_every) == (200, 20, 50, 100, 100)   # the stage's user-facing defaults
+    # presets: listed once, a dropdown in the form, the CLI's choices
+    assert typing.get_args(model_fields["preset"].annotation) == tuple(PRESETS)
+    assert PretrainParams.model_json_schema()["properties"]["preset"]["enum"] == list(PRESETS)
+    assert build_parser().parse_args(["stage", "pretrain", "--preset", "mini"]).preset == "mini"
+    # bounds: enforced by the stage's model and by the trainer alike
+    with pytest.raises(ValueError, match="top_k"):
+        PretrainParams(top_k=-1)
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        TrainConfig(top_k=-1)
+    # a stage's settings reach model.train whole, and the version is made of exactly them
+    params = PretrainParams(preset="mini", min_lr_ratio=0.05, dtype="fp32", time_limit=60, top_k=5,
+                            prompts=["--not a flag", "Zoë"], nproc_per_node=2, timeout_s=30)
+    cmd = torchrun_command(params, "D", "O", "T")
+    job = parse_args(cmd[cmd.index("model.train") + 1:])
+    assert job.cfg == params.train_config() and (job.data, job.out, job.tokenizer) == ("D", "O", "T")
+    assert job.cfg.prompts == ["--not a flag", "Zoë"] and job.cfg.time_limit == 60.0
+    assert set(params.recipe()) == set(names)
+    assert PretrainParams(nproc_per_node=8).recipe() == PretrainParams().recipe() != params.recipe()
+    # flags override --config; unknown settings are refused
+    job = parse_args(["--data", "D", "--out", "O", "--config", '{"lr": 0.01, "max_steps": 7}', "--max-steps", "9"])
+    assert (job.cfg.lr, job.cfg.max_steps) == (0.01, 9)
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "D", "--out", "O", "--config", '{"no_such_setting": 1}'])
+
+
+def test_pipeline_presets_fit_their_models():
+    """The `small` pipeline preset asked the tiny model (context 128) for seq_len 256: the run
+    would have failed at pretrain, after all its data stages. Now refused when the parameters
+    are made, and the preset trains the mini model."""
+    from model.config import PRESETS
+    from tasks.pretrain import PretrainParams
+    from tasks.presets import preset
+
+    for name in ("demo", "small", "gpt2"):
+        p = preset(name)["pretrain"]
+        assert p.seq_len is None or p.seq_len <= PRESETS[p.preset]["seq_len"], name
+    with pytest.raises(ValueError, match="(?s)seq_len.*256 exceeds the tiny preset's context of 128"):
+        PretrainParams(preset="tiny", seq_len=256)
+
+
+# -- small data on several ranks ----------------------------------------------------------
+
+def tiny_shards(folder: Path, tok: Path, train_chars: int, val_chars: int) -> Path:
+    """A shard folder of one file and one row group per split, from the start of tinyshakespeare."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    text = TEXT.read_text()
+    parts = {"train": text[:train_chars], "val": text[train_chars:train_chars + val_chars]}
+    meta = {"vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "dtype": "uint16", "splits": {}}
+    for split, part in parts.items():
+        if not part:
+            continue
+        rows = [[sp.bos_id()] + sp.encode(d) for d in part.split("\n\n") if d.strip()]
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"tokens": pa.array(rows, type=pa.list_(pa.uint16()))}),
+                       folder / split / "shard-00000.parquet")
+        meta["splits"][split] = {"files": [f"{split}/shard-00000.parquet"], "documents": len(rows),
+                                 "tokens": sum(map(len, rows))}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_two_ranks_train_on_a_single_row_group(shards, tmp_path):
+    """A shard of one row group per split (a small corpus): both ranks train and evaluate on
+    their own token ranges (it used to stop with `rank 1 of 2 gets no data`)."""
+    _, tok = shards
+    data = tiny_shards(tmp_path / "data", tok, 6000, 1500)
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "model.train", "--data", str(data),
+           "--out", str(tmp_path / "o"), "--tokenizer", str(tok), "--preset", "tiny", "--max-steps", "4",
+           "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1", "--eval-every", "2", "--eval-steps", "2",
+           "--sample-every", "0", "--checkpoint-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+    no_abort(proc)
+    steps = steps_of(proc.stdout)
+    assert sorted(steps) == [1, 2, 3, 4] and "val_loss" in steps[2] and "val_loss" in steps[4]
+    hashes = {json.loads(line)["param_sha256"] for line in proc.stderr.splitlines() if line.startswith('{"rank"')}
+    assert len(hashes) == 1
+
+
+def test_too_few_tokens_for_the_ranks_is_a_usage_error(shards, tmp_path, capsys, monkeypatch):
+    """The check before a 2-rank launch (WORLD_SIZE=2) names the numbers."""
+    _, tok = shards
+    data = tiny_shards(tmp_path / "data", tok, 300, 0)
+    tokens = json.loads((data / "meta.json").read_text())["splits"]["train"]["tokens"]
+    assert 129 < tokens < 2 * 129  # enough for one rank at seq_len 128, not for two
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, err = train_inproc(capsys, "--data", data, "--out", tmp_path / "o", "--seq-len", "128", "--check")
+    assert code == 2, err
+    assert f"train split: {tokens} tokens in 1 shard file(s) are too few for 2 rank(s) at seq_len 128" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code, err = train_inproc(capsys, "--data", data, "--out", tmp_path / "o", "--seq-len", "128", "--check")
+    assert code == 0, err

@@ -150,3 +150,125 @@ def test_bad_input_is_refused_before_work(corpus, tmp_path):
         e.metrics["documents"] = 0
     with pytest.raises(TokenizerError, match="holds no documents"):
         train_tokenizer(lake, TokenizerParams(input=e.ref, vocab_size=4096), log=lambda m: None)
+
+
+# -- a small corpus: the five WARCs of shared/data/warc ------------------------------------
+
+def warc_record_ids(paths) -> set[str]:
+    from warcio.archiveiterator import ArchiveIterator
+
+    ids = set()
+    for path in paths:
+        with open(path, "rb") as f:
+            ids.update(r.rec_headers.get_header("WARC-Record-ID") for r in ArchiveIterator(f))
+    return ids
+
+
+def dedup_version(lake: Lake, rows: list[dict], name: str):
+    """A `dedup` version holding these documents (id, text), as the dedup stage writes them."""
+    import io
+
+    import pyarrow as pa
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"]} for r in rows]), buf)
+    with lake.produce("dedup", {"test": name}, [], "test/1") as p:
+        if not p.cached:
+            p.write_bytes("data/000_00000.parquet", buf.getvalue())
+            p.metrics.update({"documents": len(rows), "bytes": sum(len(r["text"].encode()) for r in rows)})
+    return lake.resolve(p.ref)
+
+
+@pytest.fixture(scope="module")
+def small(corpus, shared_data, tmp_path_factory):
+    """The documents that the five WARCs (*.warc.gz) of shared/data/warc give after filter +
+    dedup: 30. The `corpus` fixture ran the real stages on those five plus three more files;
+    filtering is per document, so its dedup output restricted to the five files' records is the
+    same 30 documents (checked against the stages run on the five alone), at no extra cost; in
+    a lake of its own, so its tokenizers and shards do not mix with the corpus's."""
+    ids = warc_record_ids(sorted((shared_data / "warc").glob("*.warc.gz")))
+    rows = [d for d in iter_documents(corpus["lake"], corpus["dedup"]) if d["id"] in ids]
+    lake = Lake(str(tmp_path_factory.mktemp("small") / "lake"))
+    return {"lake": lake, "dedup": dedup_version(lake, rows, "five warcs")}
+
+
+def test_small_corpus_tokenizer_holds_out_a_document(small):
+    """30 documents and the default holdout_fraction 0.05: the hash alone holds out none of them,
+    and the stage used to fail (`no held-out documents for evaluation`)."""
+    lake, dd = small["lake"], small["dedup"]
+    assert dd.metrics["documents"] == 30
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, vocab_size=1024), log=lambda m: None)
+    assert tok.metrics["heldout_documents"] >= 1 and tok.metrics["sample_documents"] <= 29
+    assert tok.metrics["roundtrip_exact"] == 1.0 and 1.0 < tok.metrics["bytes_per_token"] < 8.0
+    report = json.loads(lake.open(tok, "eval.json").read())
+    assert report["heldout_documents"] == tok.metrics["heldout_documents"] and report["cl100k_bytes_per_token"] > 1
+
+
+def test_one_document_trains_and_says_no_evaluation(small, shared_data):
+    lake = small["lake"]
+    text = (shared_data / "text" / "tinyshakespeare.txt").read_text()[:20_000]
+    one = dedup_version(lake, [{"id": "only", "text": text}], "one document")
+    tok = train_tokenizer(lake, TokenizerParams(input=one.ref, vocab_size=512), log=lambda m: None)
+    assert tok.metrics["heldout_documents"] == 0 and tok.metrics["sample_documents"] == 1
+    assert "no" in tok.metrics["evaluation"] and tok.metrics["bytes_per_token"] is None
+    sp = load(tokenizer_path(lake, tok.ref))
+    assert sp.decode(sp.encode(text)) == text
+
+
+def test_small_corpus_shard_has_a_validation_document(small):
+    """A val_fraction below every document's hash sent none of them to validation."""
+    from tasks.shard import _unit
+
+    lake, dd = small["lake"], small["dedup"]
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, vocab_size=1024), log=lambda m: None)
+    fraction = min(_unit(f"val:{d['id']}") for d in iter_documents(lake, dd)) / 2
+    sh = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=fraction),
+                         log=lambda m: None)
+    assert (sh.metrics["train_documents"], sh.metrics["val_documents"]) == (29, 1) and sh.metrics["val_tokens"] > 1
+    meta = json.loads(lake.open(sh, "meta.json").read())
+    ids = [i for f in meta["splits"]["train"]["files"] + meta["splits"]["val"]["files"]
+           for i in pq.read_table(lake.open(sh, f)).column("id").to_pylist()]
+    assert sorted(ids) == sorted(d["id"] for d in iter_documents(lake, dd))  # each document once
+    # without a val fraction, no validation split
+    none = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref, val_fraction=0), log=lambda m: None)
+    assert (none.metrics["train_documents"], none.metrics["val_documents"]) == (30, 0)
+
+
+def test_ranks_share_one_row_group_by_token_ranges(small):
+    """The small corpus's shard is one row group: 2 to 8 ranks each read their own contiguous
+    token range of it, together all of it, and resume exactly; too few tokens is a clear error."""
+    import numpy as np
+
+    lake, dd = small["lake"], small["dedup"]
+    tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, vocab_size=1024), log=lambda m: None)
+    sh = shard_documents(lake, ShardParams(input=dd.ref, tokenizer=tok.ref), log=lambda m: None)
+    files = shard_files(lake.path("shard", sh.version), "train")
+    assert len(files) == 1 and pq.ParquetFile(files[0]).metadata.num_row_groups == 1
+    stream = np.concatenate(pq.read_table(files[0]).column("tokens").to_pylist())
+    total = len(stream)
+    assert total == sh.metrics["train_tokens"] > 30_000
+    T = 64
+    for world in (2, 3, 8):
+        loaders = [ShardLoader(files, 2, T, rank=r, world_size=world) for r in range(world)]
+        ranges = [(u.start, u.stop) for ld in loaders for u in ld.units]
+        assert ranges == [(r * total // world, (r + 1) * total // world) for r in range(world)]
+        for r, ld in enumerate(loaders):  # each rank starts reading where its range does
+            x, y = ld.next_batch()
+            start = r * total // world
+            assert x.flatten().tolist() == stream[start:start + 2 * T].tolist()
+            assert y.flatten().tolist() == stream[start + 1:start + 2 * T + 1].tolist()
+    # exact resume within a token range, across its end (an epoch)
+    a = ShardLoader(files, 16, 128, rank=1, world_size=2)
+    for _ in range(3):
+        a.next_batch()
+    state = a.state_dict()
+    after = [a.next_batch() for _ in range(15)]
+    assert a.state_dict()["epoch"] >= 1
+    b = ShardLoader(files, 16, 128, rank=1, world_size=2)
+    b.load_state_dict(json.loads(json.dumps(state)))
+    assert all(x1.equal(x2) and y1.equal(y2) for (x1, y1), (x2, y2) in zip(after, (b.next_batch() for _ in range(15))))
+    # fewer tokens than ranks x (seq_len + 1): refused, naming the numbers
+    T = total // 2
+    with pytest.raises(ValueError, match=f"{total:,} tokens in 1 shard file.* too few for 2 rank.*seq_len {T}"):
+        ShardLoader(files, 1, T, rank=0, world_size=2)
+    ShardLoader(files, 1, T, rank=0, world_size=1)  # one rank: enough
