@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from typing import Sequence
 
 from rich.console import Console
@@ -250,8 +251,10 @@ def cmd_stage(lake: Lake, args) -> int:
             values[name] = given
     for name, kinds in st.inputs.items():  # resolved now: a rerun of "latest" stays the same version
         given = values.get(name)
-        values[name] = ([lake.resolve(r).ref for r in given] if isinstance(given, list)
-                        else lake.resolve(given or kinds[0]).ref)
+        if typing.get_origin(st.params.model_fields[name].annotation) is list:  # several refs, none by default
+            values[name] = [lake.resolve(r).ref for r in given or []]
+        else:
+            values[name] = lake.resolve(given or kinds[0]).ref
     params = _params(st.params, **values)
     resolve_inputs(lake, params)
     m = lake.resolve(_run_flow(FLOWS[st.name], params, lake_url=lake.url))
@@ -335,7 +338,6 @@ def add_stage_options(p: Parser, st) -> None:
     --set): the flag, its choices and help come from the field. Values stay strings here and
     are converted and checked by the model, so every bad value gets the same one-line error."""
     import types
-    import typing
 
     from pydantic import BaseModel
 
