@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from prefect.runner import Runner
 
         runner = Runner(name="crawl2model", pause_on_shutdown=False)
-        for d in runner_deployments():
+        served = runner_deployments()
+        for d in served:
             runner.add_deployment(d)
+        print(f"serving {len(served)} deployments: {', '.join(d.name for d in served)}", flush=True)
         graceful = runner.handle_sigterm
 
         def on_signal(signum, frame) -> None:

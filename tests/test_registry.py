@@ -143,7 +143,10 @@ def test_a_stage_added_through_the_registry_runs_everywhere_and_the_server_stops
         serve = subprocess.Popen([str(BIN / "python"), "-m", "deployments.serve"], cwd=ROOT,
                                  env={**env, "PREFECT_API_URL": api},
                                  stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
-        time.sleep(15)
+        deadline = time.time() + 120
+        while "serving" not in (tmp_path / "serve.log").read_text() and time.time() < deadline:
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
         tree = [serve.pid, *descendants(serve.pid)]
         serve.send_signal(signal.SIGINT)
         assert _tree_gone(tree, 10), (tmp_path / "serve.log").read_text()[-3000:]
