@@ -1,5 +1,11 @@
-"""Shared fixtures: real data from ../shared/data, a moto_server S3 API on loopback, and a
-session-scoped Prefect test server with its own PREFECT_HOME."""
+"""Shared fixtures: real data from ../shared/data, a moto_server S3 API on loopback, one real
+`prefect server start` for the whole session (own PREFECT_HOME; PREFECT_API_URL is exported, so
+every `crawl2model` subprocess and every in-process flow uses it instead of starting a temporary
+server of its own), and the demo pipeline run once for every test that only reads it.
+
+Tests of the CLI's temporary Prefect server itself (it is in the stage's process tree, listens on
+loopback only, dies with the stage, sends no telemetry) run their command with
+`temp_server_env()`, which drops PREFECT_API_URL."""
 
 from __future__ import annotations
 
@@ -26,18 +32,25 @@ BIN = Path(sys.executable).parent
 S3_KEY_ID = "AKIACRAWL2MODELTEST1"
 S3_SECRET = "crawl2model-test-secret-" + "9f3a7c51e2"
 
-# Prefect: own home, no analytics, set before anything imports prefect.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="c2m-prefect-home-")
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-os.environ.pop("CRAWL2MODEL_LAKE", None)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Prefect: own home, no analytics, and the session's server (started by pytest_sessionstart, waited
+# for by the autouse `prefect_server` fixture), all set before anything imports prefect. The
+# server's own home (its database) is below _PREFECT_HOME, so a test that searches what Prefect
+# wrote (test_storage_faults' credential check) searches it too.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="c2m-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ.pop("CRAWL2MODEL_LAKE", None)
+PREFECT_URL = f"http://127.0.0.1:{free_port()}"
+os.environ["PREFECT_API_URL"] = f"{PREFECT_URL}/api"
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
@@ -100,13 +113,67 @@ def lake_url(request, tmp_path) -> str:
     return f"s3://{make_bucket(endpoint)}/lake"
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """A real Prefect API server for the session (prefect_test_harness), own PREFECT_HOME."""
-    from prefect.testing.utilities import prefect_test_harness
+# --------------------------------------------------------------------------- the Prefect server
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+_SERVER_HOME = Path(_PREFECT_HOME) / "server"
+_server: subprocess.Popen | None = None
+
+
+def _start_prefect_server() -> subprocess.Popen:
+    """`prefect server start` on PREFECT_URL, in a session of its own (uvicorn dies with it)."""
+    global _server
+    if _server is None:
+        _SERVER_HOME.mkdir(parents=True, exist_ok=True)
+        port = PREFECT_URL.rsplit(":", 1)[1]
+        env = {**os.environ, "PREFECT_HOME": str(_SERVER_HOME)}
+        _server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
+                                    "--analytics-off"], stdout=open(_SERVER_HOME / "server.log", "wb"),
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=_SERVER_HOME)
+    return _server
+
+
+def pytest_sessionstart(session):
+    # started before collection, which imports torch, datatrove, ...: the two overlap
+    _start_prefect_server()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server() -> dict:
+    """The session's Prefect server, up and healthy before the first test: {"url", "env"}. Every
+    test uses it through PREFECT_API_URL (exported above); the deployment and UI tests by name."""
+    import urllib.request
+
+    proc = _start_prefect_server()
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n"
+                               + (_SERVER_HOME / "server.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"{PREFECT_URL}/api/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("prefect server not healthy after 180 s:\n"
+                               + (_SERVER_HOME / "server.log").read_text()[-3000:])
+        time.sleep(0.3)
+    return {"url": PREFECT_URL, "env": dict(os.environ)}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_server) -> dict:
+    """The Prefect API for in-process flows: the session's server (kept under this name)."""
+    return prefect_server
+
+
+def temp_server_env(env: dict | None = None) -> dict:
+    """`env` (default: this process's) without PREFECT_API_URL: a `crawl2model` command run with it
+    starts its own temporary Prefect server, as it does for a user who has no server. For the tests
+    of that server itself, and for commands in a network namespace of their own (`unshare -n`),
+    where the session's server is out of reach."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k != "PREFECT_API_URL"}
 
 
 def copy_version(src: Lake, dst: Lake, ref: str) -> str:
@@ -190,4 +257,10 @@ def faults(proxy: str, **cfg):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if _server is not None and _server.poll() is None:
+        os.killpg(_server.pid, 15)
+        try:
+            _server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(_server.pid, 9)
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)

@@ -17,7 +17,7 @@ from tasks.dedup import DedupParams, dedup_documents
 from tasks.download import DownloadParams, download
 from tasks.filter import FilterError, FilterParams, filter_documents
 from tasks.lake import Lake
-from tests.conftest import BIN, run_cli
+from tests.conftest import BIN, run_cli, temp_server_env
 
 NON_ENGLISH = ["http://044545.com/topic/20200207/015849.html",     # Chinese pages in the
                "http://0513mt.com/index.php/art/detail/id/8884.html"]  # CC-MAIN-2020-34 excerpt
@@ -199,7 +199,9 @@ def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
            f"{BIN}/crawl2model --lake {lake} stage dedup --tasks 2")
     # a user's environment: not the suite's PREFECT_SERVER_ANALYTICS_ENABLED=false, which hid that
     # the CLI's temporary Prefect server tried to send telemetry on every command
-    env = {k: v for k, v in os.environ.items()
+    # and no PREFECT_API_URL: the session's server is out of reach in the new network namespace, and
+    # the temporary server is what this test is about
+    env = {k: v for k, v in temp_server_env().items()
            if not k.startswith(("HF_", "HTTP", "http")) and k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
     r = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=600,
                        env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})

@@ -19,7 +19,7 @@ from tasks.download import DownloadParams, download, select_spread
 from tasks.lake import Lake
 from tasks.warc import verify_warc
 from tests.ccserver import CCServer, make_cc_layout
-from tests.conftest import BIN, ROOT, make_bucket, run_cli
+from tests.conftest import BIN, ROOT, make_bucket, run_cli, temp_server_env
 
 
 def sha256(p: Path) -> str:
@@ -214,7 +214,7 @@ def test_full_download_under_unshare_loopback_only(cc_root, originals, tmp_path)
               f"{BIN}/crawl2model --lake {lake} stage download --crawl CC-MAIN-TEST "
               f"--base-url http://127.0.0.1:{port}/ --segments {len(originals)}; rc=$?; kill %1; exit $rc")
     r = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")})
+                       timeout=300, env={**temp_server_env(), "PREFECT_HOME": str(tmp_path / "ph")})  # no session server here
     assert r.returncode == 0, r.stderr[-3000:]
     m = Lake(str(lake)).resolve("download")
     assert {f["path"]: f["sha256"] for f in m.files} == originals

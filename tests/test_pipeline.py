@@ -4,7 +4,6 @@ stage rebuilt, deployments against a real `prefect server start`, and the UI in 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from tasks.lake import Lake
-from tests.conftest import BIN, ROOT, STAGES, free_port, run_cli, run_pipeline, versions_and_hashes, wait_port
+from tests.conftest import BIN, ROOT, STAGES, run_cli, run_pipeline, versions_and_hashes
 
 def test_demo_pipeline_end_to_end(demo_local_run):
     lake_url, r = demo_local_run
@@ -69,27 +68,7 @@ def test_invalid_pipeline_parameters(tmp_path, demo_mirror):
 # --------------------------------------------------------------------------- Prefect server, UI
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_port(port, proc, timeout=120)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            h = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/api/health"], capture_output=True)
-            if h.returncode == 0:
-                break
-            time.sleep(0.5)
-        yield {"url": f"http://127.0.0.1:{port}", "env": env}
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
+# `prefect_server` (conftest): the session's real `prefect server start`, which every test uses.
 
 
 def prefect(server, *args, timeout=300):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tasks.lake import Lake
-from tests.conftest import BIN, QUICK, copy_version
+from tests.conftest import BIN, QUICK, copy_version, temp_server_env
 
 TORCHRUN_STORE = "pt_elastic"
 
@@ -50,7 +50,8 @@ def test_a_training_stage_listens_on_loopback_only(demo_local_run, demo_mirror, 
         copy_version(Lake(demo_local_run[0]), lake, upstream)
     proc = subprocess.Popen([str(BIN / "crawl2model"), "--lake", lake.url, "run", "--preset", "demo", *QUICK,
                              "--set", "pretrain.max_steps=40", "--from", "pretrain"], cwd=demo_mirror.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=temp_server_env())  # the CLI's temporary Prefect server is one of them
     seen: set[tuple[str, str]] = set()
     while proc.poll() is None:
         tree = descendants(proc.pid)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake, Manifest
-from tests.conftest import BIN, QUICK, STAGES, copy_version
+from tests.conftest import BIN, QUICK, STAGES, copy_version, temp_server_env
 
 SEED = int(os.environ.get("C2M_KILL_SEED", random.randrange(1 << 16)))
 
@@ -78,10 +78,10 @@ def stage_alone(ref_url: str, stage: str, tmp_path: Path) -> tuple[Manifest, Pat
     return reference, lake_dir, lake, cmd
 
 
-def start_logged(cmd: list[str], cwd: Path, tmp_path: Path) -> subprocess.Popen:
+def start_logged(cmd: list[str], cwd: Path, tmp_path: Path, env: dict | None = None) -> subprocess.Popen:
     """The command in a session of its own, stderr to a file (not a pipe nobody reads while we wait)."""
     log = open(tmp_path / "stderr", "w+")
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, env=env)
 
 
 def error_line_of_failed(proc: subprocess.Popen, tmp_path: Path, what: str, within: float) -> str:
@@ -170,8 +170,9 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
         "was killed by SIGKILL (the out-of-memory killer?)" in last and "rerun to resume" in last, last
     assert lake.versions("filter") == []
 
-    # (2) the stage's main process alone killed, once a task has finished and another runs
-    proc = start_logged(cmd, demo_mirror.parent, tmp_path)
+    # (2) the stage's main process alone killed, once a task has finished and another runs; without
+    # the session's Prefect server, so that the CLI's temporary server is in the tree and must die
+    proc = start_logged(cmd, demo_mirror.parent, tmp_path, env=temp_server_env())
     deadline = time.time() + 120
     while not (completions.exists() and any(completions.iterdir())):
         assert proc.poll() is None and time.time() < deadline, "no task finished"
