@@ -384,6 +384,12 @@ def download(lake: Lake, params: DownloadParams, log: Callable[[str], None] | No
             try:
                 for fut in as_completed(futures):
                     results.append(fut.result())
+            except WarcError as e:
+                for f in futures:
+                    f.cancel()
+                if params.files:  # a damaged file the user gave is bad input; a transfer's damage is not
+                    e.exit_status = 2
+                raise
             except BaseException:
                 for f in futures:
                     f.cancel()

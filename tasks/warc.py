@@ -15,12 +15,12 @@ from typing import BinaryIO
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
-from tasks.errors import BadInput
+from tasks.errors import StageError
 
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class WarcError(BadInput):
+class WarcError(StageError):
     """A file that is not a complete, parseable WARC. The message names the file."""
 
 

@@ -165,7 +165,7 @@ def test_bad_sources_fail_clearly(cc_root, shared_data, tmp_path):
             (["--crawl", "CC-MAIN-NOPE", "--base-url", flaky.url], 2,  # bad input
              f"unknown crawl 'CC-MAIN-NOPE': {flaky.url}crawl-data/CC-MAIN-NOPE/warc.paths.gz not found"),
             (["--urls", flaky.url + "nope.warc.gz"], 1, f"{flaky.url}nope.warc.gz: HTTP 404 not found"),
-            (["--urls", junk.url + "page.html"], 2, f"{junk.url}page.html: not a valid WARC"),
+            (["--urls", junk.url + "page.html"], 1, f"{junk.url}page.html: not a valid WARC"),
             (["--files", str(shared_data / "warc-broken" / "appended_zip_fragment_unexpected_eof.wet.gz")], 2,
              "appended_zip_fragment_unexpected_eof.wet.gz: truncated: gzip member 17 ends before its trailer"),
             (["--urls", flaky.url + "crawl-data/CC-MAIN-TEST/segments/1700000000005.05/warc/whirlwind.warc.gz",

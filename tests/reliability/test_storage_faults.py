@@ -136,6 +136,7 @@ def test_an_outage_mid_stage_is_a_clear_error_and_the_rerun_completes(stage, fau
 def test_s3_credentials_from_a_prefect_secret_block(prefect_harness, s3_endpoint, monkeypatch):
     from prefect.blocks.system import Secret
 
+    import flows  # noqa: F401  (installs Prefect's runtime: the lake reads Secret blocks through it)
     from tasks.lake import LakeError
 
     url = f"s3://{make_bucket(s3_endpoint)}/lake"
