@@ -194,6 +194,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
 
 
+def run_all(cmds: list[list[str]], timeout: float = 300, **popen) -> list[subprocess.CompletedProcess]:
+    """Independent commands run at once (mostly the CLI's start-up, one core each), in order of `cmds`."""
+    import concurrent.futures
+
+    def one(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **popen)
+
+    with concurrent.futures.ThreadPoolExecutor(len(cmds) or 1) as pool:
+        return list(pool.map(one, cmds))
+
+
+def run_cli_all(*arg_lists: list[str], env: dict | None = None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """run_cli for each argument list, all at once."""
+    return run_all([[str(BIN / "crawl2model"), *args] for args in arg_lists], timeout=timeout,
+                   env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
 # --------------------------------------------------------------------------- the demo pipeline
 
 STAGES = ["download", "filter", "dedup", "tokenizer", "shard", "pretrain"]
