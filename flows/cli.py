@@ -180,8 +180,11 @@ def prefect_api() -> None:
     same way from the main thread, which lives as long as the process, with PR_SET_PDEATHSIG.
     It takes Prefect's own slot (the ephemeral server is a singleton), so every thread that
     asks Prefect for a client gets this server."""
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, get_current_settings
+
+    if PREFECT_API_URL.value():  # the user's server: checked first, as the server stack takes ~5 s to import
+        return
+    from prefect.server.api.server import SubprocessASGIServer
 
     from common.process import die_with_parent
 
@@ -199,7 +202,7 @@ def prefect_api() -> None:
                      **get_current_settings().to_environment_variables(exclude_unset=True)},
                 preexec_fn=die_with_parent)
 
-    if PREFECT_API_URL.value() or None in SubprocessASGIServer._instances:
+    if None in SubprocessASGIServer._instances:
         return
     # registered under Prefect's key for the ephemeral server; start() stops it at exit, after
     # Prefect's own exit handlers have sent the last logs

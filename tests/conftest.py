@@ -173,7 +173,10 @@ def temp_server_env(env: dict | None = None) -> dict:
     starts its own temporary Prefect server, as it does for a user who has no server. For the tests
     of that server itself, and for commands in a network namespace of their own (`unshare -n`),
     where the session's server is out of reach."""
-    return {k: v for k, v in (os.environ if env is None else env).items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PREFECT_API_URL"}
+    # Prefect waits 20 s for it by default: too short on 2 busy cores, for a fresh PREFECT_HOME
+    # (its database made from scratch) above all
+    return {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", **env}
 
 
 def copy_version(src: Lake, dst: Lake, ref: str) -> str:
@@ -192,6 +195,23 @@ def copy_version(src: Lake, dst: Lake, ref: str) -> str:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "crawl2model"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+
+
+def run_all(cmds: list[list[str]], timeout: float = 300, **popen) -> list[subprocess.CompletedProcess]:
+    """Independent commands run at once (mostly the CLI's start-up, one core each), in order of `cmds`."""
+    import concurrent.futures
+
+    def one(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **popen)
+
+    with concurrent.futures.ThreadPoolExecutor(len(cmds) or 1) as pool:
+        return list(pool.map(one, cmds))
+
+
+def run_cli_all(*arg_lists: list[str], env: dict | None = None, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """run_cli for each argument list, all at once."""
+    return run_all([[str(BIN / "crawl2model"), *args] for args in arg_lists], timeout=timeout,
+                   env={**os.environ, **(env or {})}, cwd=ROOT)
 
 
 # --------------------------------------------------------------------------- the demo pipeline
@@ -227,9 +247,28 @@ def versions_and_hashes(lake: Lake) -> dict:
 
 @pytest.fixture(scope="session")
 def demo_local_run(demo_mirror, tmp_path_factory):
-    lake = str(tmp_path_factory.mktemp("pipe") / "lake")
-    r = run_pipeline(lake, demo_mirror)
+    """The demo pipeline on a local lake, once: the uninterrupted reference run that the tests of
+    the pipeline and the reliability tests compare with. (lake, CompletedProcess). It runs as a
+    user's `make demo` does, with the CLI's temporary Prefect server (no PREFECT_API_URL), and the
+    TCP sockets its processes listen on are watched meanwhile: `.listeners` of the
+    CompletedProcess, for tests/reliability/test_listeners.py."""
+    from tests.listening import watch_listeners
+
+    work = tmp_path_factory.mktemp("pipe")
+    lake = str(work / "lake")
+    cmd = [str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK]
+    with open(work / "stdout", "w+") as out, open(work / "stderr", "w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=demo_mirror.parent, env=temp_server_env())
+        try:
+            seen = watch_listeners(proc)
+            proc.wait(900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        out.seek(0), err.seek(0)
+        r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     assert r.returncode == 0, r.stderr[-4000:]
+    r.listeners = seen
     return lake, r
 
 

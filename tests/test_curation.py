@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ from tasks.dedup import DedupParams, dedup_documents
 from tasks.download import DownloadParams, download
 from tasks.filter import FilterError, FilterParams, filter_documents
 from tasks.lake import Lake
-from tests.conftest import BIN, run_cli, temp_server_env
+from tests.conftest import BIN, run_cli, run_cli_all, temp_server_env
 
 NON_ENGLISH = ["http://044545.com/topic/20200207/015849.html",     # Chinese pages in the
                "http://0513mt.com/index.php/art/detail/id/8884.html"]  # CC-MAIN-2020-34 excerpt
@@ -68,16 +67,26 @@ def planted_warc(shared_data: Path, dest: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def curated(shared_data, tmp_path_factory):
-    """download -> filter -> dedup once on all real WARCs plus the planted duplicates."""
+def curated(shared_data, tmp_path_factory, request):
+    """download -> filter -> dedup once on all real WARCs plus the planted duplicates. When
+    test_filter_and_dedup_under_unshare_loopback_only is selected, its offline command (the same
+    download version in a lake of its own, filter and dedup by the CLI under `unshare -n`) is
+    started here, once the download is in, and runs beside the in-process filter and dedup: both
+    are mostly one process on one core. That test waits for it."""
     work = tmp_path_factory.mktemp("curation")
     planted = planted_warc(shared_data, work / "zz-planted.warc.gz")
     lake = Lake(str(work / "lake"))
     files = sorted(str(p) for p in (shared_data / "warc").iterdir()) + [str(work / "zz-planted.warc.gz")]
     dl = download(lake, DownloadParams(files=files))
+    offline = None
+    if _netns_available() and any(i.originalname == "test_filter_and_dedup_under_unshare_loopback_only"
+                                  for i in request.session.items):
+        offline = start_offline_run(lake, dl, tmp_path_factory.mktemp("offline"))
+        request.addfinalizer(lambda: offline["proc"].poll() is None and offline["proc"].kill())
     flt = filter_documents(lake, FilterParams(input=dl.ref, tasks=1, workers=1), log=lambda m: None)
     dd = dedup_documents(lake, DedupParams(input=flt.ref, tasks=1, workers=1), log=lambda m: None)
-    return {"lake": lake, "download": dl, "filter": flt, "dedup": dd, "planted": planted, "work": work}
+    return {"lake": lake, "download": dl, "filter": flt, "dedup": dd, "planted": planted, "work": work,
+            "offline": offline}
 
 
 def test_filter_funnel_on_real_warcs(curated):
@@ -171,12 +180,13 @@ def test_invalid_filter_parameters_fail_before_work(tmp_path, shared_data):
     r = run_cli("--lake", str(lake), "stage", "filter", "--input", "download@0123456789abcdef")
     assert r.returncode == 2 and "unknown" in r.stderr
     download(Lake(str(lake)), DownloadParams(files=[str(shared_data / "warc" / "whirlwind.warc.gz")]))
-    for args, message in [(["--languages", "xx"], "unknown language code 'xx'"),
-                          (["--language-threshold", "2"], "invalid language-threshold"),
-                          (["--set", "gopher_quality.min_doc_words=-1"], "invalid gopher-quality.min-doc-words"),
-                          (["--set", "bogus=1"], "unknown parameter 'bogus'"),
-                          (["--set", "nonsense"], "invalid --set 'nonsense'")]:
-        r = run_cli("--lake", str(lake), "stage", "filter", *args)
+    cases = [(["--languages", "xx"], "unknown language code 'xx'"),
+             (["--language-threshold", "2"], "invalid language-threshold"),
+             (["--set", "gopher_quality.min_doc_words=-1"], "invalid gopher-quality.min-doc-words"),
+             (["--set", "bogus=1"], "unknown parameter 'bogus'"),
+             (["--set", "nonsense"], "invalid --set 'nonsense'")]
+    runs = run_cli_all(*(["--lake", str(lake), "stage", "filter", *args] for args, _ in cases))
+    for (args, message), r in zip(cases, runs):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
     assert Lake(str(lake)).versions("filter") == []
 
@@ -185,28 +195,42 @@ def _netns_available() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _netns_available(), reason="unshare -n needs user namespaces or root")
-def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
+def start_offline_run(src: Lake, dl, tmp_path: Path) -> dict:
+    """`stage filter` and `stage dedup` by the CLI under `unshare -n` (loopback only) on a copy of
+    the download version `dl` of `src`, in a fresh lake; started, not waited for."""
     lake = tmp_path / "lake"
     Lake(str(lake))
-    src = curated["lake"]
     # the same download version, copied into a fresh lake
-    with Lake(str(lake)).produce("download", curated["download"].params, [], "download/1") as p:
-        for f in curated["download"].files:
-            with src.open(curated["download"], f["path"]) as fh, p.open(f["path"]) as out:
+    with Lake(str(lake)).produce("download", dl.params, [], "download/1") as p:
+        for f in dl.files:
+            with src.open(dl, f["path"]) as fh, p.open(f["path"]) as out:
                 out.write(fh.read())
     cmd = (f"ip link set lo up; {BIN}/crawl2model --lake {lake} stage filter --tasks 2 && "
            f"{BIN}/crawl2model --lake {lake} stage dedup --tasks 2")
     # a user's environment: not the suite's PREFECT_SERVER_ANALYTICS_ENABLED=false, which hid that
-    # the CLI's temporary Prefect server tried to send telemetry on every command
-    # and no PREFECT_API_URL: the session's server is out of reach in the new network namespace, and
-    # the temporary server is what this test is about
+    # the CLI's temporary Prefect server tried to send telemetry on every command; and no
+    # PREFECT_API_URL: the session's server is out of reach in the new network namespace, and the
+    # temporary server is what this test is about
     env = {k: v for k, v in temp_server_env().items()
            if not k.startswith(("HF_", "HTTP", "http")) and k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
-    r = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=600,
-                       env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})
-    assert r.returncode == 0, r.stderr[-3000:]
+    # output to files: nobody reads a pipe while the in-process run goes on
+    proc = subprocess.Popen(["unshare", "-n", "bash", "-c", cmd], stdout=open(tmp_path / "stdout", "w"),
+                            stderr=open(tmp_path / "stderr", "w"),
+                            env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})
+    return {"proc": proc, "lake": lake, "out": tmp_path}
+
+
+@pytest.mark.skipif(not _netns_available(), reason="unshare -n needs user namespaces or root")
+def test_filter_and_dedup_under_unshare_loopback_only(curated):
+    offline = curated["offline"]  # started by the `curated` fixture, beside its own run
+    try:
+        offline["proc"].wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        offline["proc"].kill()
+        raise
+    stdout, stderr = ((offline["out"] / name).read_text() for name in ("stdout", "stderr"))
+    assert offline["proc"].returncode == 0, stderr[-3000:]
     for attempt in ("telemetry", "Name or service not known", "Network is unreachable"):
-        assert attempt not in r.stdout + r.stderr, attempt
-    out = Lake(str(lake))
+        assert attempt not in stdout + stderr, attempt
+    out = Lake(str(offline["lake"]))
     assert out.resolve("dedup").metrics["documents"] == curated["dedup"].metrics["documents"]

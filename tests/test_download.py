@@ -19,7 +19,7 @@ from tasks.download import DownloadParams, download, select_spread
 from tasks.lake import Lake
 from tasks.warc import verify_warc
 from tests.ccserver import CCServer, make_cc_layout
-from tests.conftest import BIN, ROOT, make_bucket, run_cli, temp_server_env
+from tests.conftest import BIN, ROOT, make_bucket, run_cli, run_cli_all, temp_server_env
 
 
 def sha256(p: Path) -> str:
@@ -172,8 +172,8 @@ def test_bad_sources_fail_clearly(cc_root, shared_data, tmp_path):
               "--retries", "1"], 1, f"{flaky.url}crawl-data/CC-MAIN-TEST/segments/1700000000005.05/"
              "warc/whirlwind.warc.gz: HTTP 500 (gave up after 2 attempts)"),
         ]
-        for args, code, message in cases:
-            r = run_cli("--lake", lake_dir, "stage", "download", *args)
+        runs = run_cli_all(*(["--lake", lake_dir, "stage", "download", *args] for args, _, _ in cases))
+        for (args, code, message), r in zip(cases, runs):
             assert r.returncode == code, (args, r.stderr[-2000:])
             # the one line, last, and no traceback anywhere (Prefect's log lines come before it)
             last = r.stderr.strip().splitlines()[-1]

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tasks.lake import Lake, LakeError, version_of
-from tests.conftest import ROOT, S3_KEY_ID, S3_SECRET, make_bucket, run_cli
+from tests.conftest import ROOT, S3_KEY_ID, S3_SECRET, make_bucket, run_cli, run_cli_all
 
 WRITER = [sys.executable, str(ROOT / "tests" / "lake_writer.py")]
 
@@ -350,10 +350,9 @@ def test_no_credential_in_any_manifest_or_log(s3_endpoint, caplog):
     a = produce(lake, "download", {"crawl": "X"})
     produce(lake, "filter", {"t": 1}, [a.ref])
     logs = []
-    for args in (["artifacts", "ls"], ["artifacts", "show", "filter", "--json"],
-                 ["artifacts", "lineage", "filter"], ["artifacts", "gc", "--dry-run"],
-                 ["artifacts", "show", "nosuch"]):
-        r = run_cli("--lake", lake_url, *args)
+    for r in run_cli_all(*(["--lake", lake_url, *args] for args in (
+            ["artifacts", "ls"], ["artifacts", "show", "filter", "--json"], ["artifacts", "lineage", "filter"],
+            ["artifacts", "gc", "--dry-run"], ["artifacts", "show", "nosuch"]))):
         logs += [r.stdout, r.stderr]
     written = b"".join(lake.fs.cat_file(p) for p in lake.fs.find(lake.root))
     for secret in (S3_SECRET, S3_KEY_ID):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tasks.lake import Lake
-from tests.conftest import BIN, ROOT, STAGES, run_cli, run_pipeline, versions_and_hashes
+from tests.conftest import BIN, QUICK, ROOT, STAGES, run_all, run_cli, run_pipeline, versions_and_hashes
 
 def test_demo_pipeline_end_to_end(demo_local_run):
     lake_url, r = demo_local_run
@@ -56,11 +56,14 @@ def test_rebuild_one_stage(demo_local_run, demo_mirror):
 
 
 def test_invalid_pipeline_parameters(tmp_path, demo_mirror):
-    for args, message in [(["--from", "shard", "--to", "filter"], "comes after"),
-                          (["--set", "pretrain.max_steps=0"], "invalid pretrain.max-steps"),
-                          (["--set", "nosuchstage.x=1"], "invalid --set 'nosuchstage'"),
-                          (["--set", "pretrain.rdzv_endpoint=nohostport"], "invalid rdzv endpoint")]:
-        r = run_pipeline(str(tmp_path / "lake"), demo_mirror, *args)
+    cases = [(["--from", "shard", "--to", "filter"], "comes after"),
+             (["--set", "pretrain.max_steps=0"], "invalid pretrain.max-steps"),
+             (["--set", "nosuchstage.x=1"], "invalid --set 'nosuchstage'"),
+             (["--set", "pretrain.rdzv_endpoint=nohostport"], "invalid rdzv endpoint")]
+    lake = str(tmp_path / "lake")
+    runs = run_all([[str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK, *args]
+                    for args, _ in cases], cwd=demo_mirror.parent)  # as run_pipeline, all at once
+    for (args, message), r in zip(cases, runs):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert not (tmp_path / "lake").exists()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import pytest
 
 from tasks.lake import SECRET_BLOCK_ENV, Lake
 from tasks.stage import cache_dir
-from tests.conftest import (BIN, S3_KEY_ID, S3_SECRET, _PREFECT_HOME, faults, make_bucket, run_pipeline,
-                            versions_and_hashes)
+from tests.conftest import BIN, S3_KEY_ID, S3_SECRET, _PREFECT_HOME, faults, make_bucket, versions_and_hashes
+from tests.reliability.conftest import summary_refs
 from tests.s3faults import KINDS
 
 
@@ -47,40 +46,31 @@ def test_the_lake_commits_through_every_fault_kind(s3_endpoint, fault_proxy, mon
             assert f.read() == payload["large.bin"]
 
 
-SECRET_BLOCK = "c2m-test-s3"
-
-
 @pytest.fixture(scope="module")
-def faulted_run(demo_mirror, s3_endpoint, fault_proxy):
-    """The demo pipeline on S3, every request through the proxy, 10% of them faulted. The
-    credentials come from a Prefect Secret block, not from the environment."""
-    saved = subprocess.run([sys.executable, "-c", "import sys; from prefect.blocks.system import Secret; "
-                            "Secret(value={'aws_access_key_id': sys.argv[1], 'aws_secret_access_key': sys.argv[2]})"
-                            ".save(sys.argv[3], overwrite=True)", S3_KEY_ID, S3_SECRET, SECRET_BLOCK],
-                           capture_output=True, text=True, timeout=120)
-    assert saved.returncode == 0, saved.stderr[-2000:]
-    bucket = make_bucket(s3_endpoint)
-    with faults(fault_proxy, rate=0.1, seed=1) as counts:
-        r = run_pipeline(f"s3://{bucket}/lake", demo_mirror,
-                         env={"AWS_ENDPOINT_URL": fault_proxy, SECRET_BLOCK_ENV: SECRET_BLOCK},
-                         unset=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
-        injected = counts()
-    assert r.returncode == 0, r.stderr[-4000:]
-    return bucket, r, injected
+def faulted_run(s3_pipelines):
+    """The demo pipeline on S3, every request through the proxy, 10% of them faulted, the credentials
+    from a Prefect Secret block, not from the environment: three runs at once on one lake, made once
+    for this module and test_concurrency (tests/reliability/conftest.py). (bucket, runs, faults)."""
+    for r in s3_pipelines["runs"]:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return s3_pipelines["bucket"], s3_pipelines["runs"], s3_pipelines["injected"]
 
 
 def test_the_pipeline_through_s3_faults_equals_a_clean_local_run(faulted_run, demo_local_run):
-    bucket, r, injected = faulted_run
+    bucket, runs, injected = faulted_run
     assert all(injected.get(k, 0) >= 5 for k in KINDS), injected
-    assert versions_and_hashes(Lake(f"s3://{bucket}/lake")) == versions_and_hashes(Lake(demo_local_run[0]))
+    lake, clean = Lake(f"s3://{bucket}/lake"), versions_and_hashes(Lake(demo_local_run[0]))
+    for r in runs[:2]:  # the full runs (the third one differs on purpose): by the versions each reports
+        got = {stage: lake.resolve(ref) for stage, ref in summary_refs(r.stdout).items()}
+        assert {stage: (m.version, {f["path"]: f["sha256"] for f in m.files}) for stage, m in got.items()} == clean
 
 
 def test_no_credential_in_anything_a_pipeline_run_wrote(faulted_run, s3_endpoint):
     """Everything the S3 run wrote: every object in the bucket, its output and logs, the local
     cache, and Prefect's database (flow parameters, logs, artifacts)."""
-    bucket, r, _ = faulted_run
+    bucket, runs, _ = faulted_run
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    blobs = [r.stdout.encode(), r.stderr.encode()]
+    blobs = [out.encode() for r in runs for out in (r.stdout, r.stderr)]
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
             for o in page.get("Contents", [])]
     assert len(keys) > 50
@@ -101,8 +91,10 @@ TINY = ["--preset", "tiny", "--nproc-per-node", "2", "--set", "batch_size=8", "-
                          ids=["dedup", "pretrain"])
 def test_an_outage_mid_stage_is_a_clear_error_and_the_rerun_completes(stage, faulted_run, s3_endpoint,
                                                                        fault_proxy):
-    bucket, _, _ = faulted_run
+    bucket, runs, _ = faulted_run
     lake_url, kind = f"s3://{bucket}/lake", stage[0]
+    if kind == "pretrain":  # the full runs' shard (the lake also holds the different run's)
+        stage = [*stage, "--input", summary_refs(runs[0].stdout)["shard"]]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)  # straight to S3, past the proxy
 
     def objects() -> list[str]:
