@@ -31,8 +31,10 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium curl iproute2 util-linux >/dev/null; \
 	fi
 
+# Ends with `suite took N s` (the pytest run alone, not the install).
 test: $(STAMP) system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@start=$$(date +%s); $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  echo "suite took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
