@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
+import sys
 import tarfile
 import zlib
 
@@ -402,6 +404,26 @@ def _worker(executor, slot: int, stage, alive) -> None:
         stage.send(None)
 
 
+_WORD_SPLITTERS = ("load_word_tokenizer", "split_into_words", "split_into_parts")  # datatrove.utils.{word_tokenizers,text}
+
+
+def preload_modules(pipeline: list) -> list[str]:
+    """The modules a worker of `pipeline` imports: its steps' modules, their declared dependencies
+    and spaCy for the steps that split words (the Gopher, C4 and FineWeb filters, MinHash; datatrove imports it lazily, ~4 s of CPU). The
+    forkserver imports them once and every worker it forks has them; without this each worker
+    (two per datatrove run, six runs in `dedup`) imported them itself."""
+    mods = ["__main__", __name__]  # __main__: multiprocessing's own default
+    for step in pipeline:
+        module = type(step).__module__
+        mods.append(module)
+        for cls in type(step).mro():
+            for dep in vars(cls).get("_requires_dependencies", []):
+                mods.append(dep[0] if isinstance(dep, tuple) else dep)
+        if any(hasattr(sys.modules.get(module), f) for f in _WORD_SPLITTERS):
+            mods.append("spacy")
+    return [m for m in dict.fromkeys(mods) if m == "__main__" or importlib.util.find_spec(m) is not None]
+
+
 class FailFastExecutor(LocalPipelineExecutor):
     """datatrove's local executor, with worker processes of our own instead of a multiprocessing
     Pool. A Pool whose worker is killed (the out-of-memory killer) waits forever for that
@@ -419,6 +441,8 @@ class FailFastExecutor(LocalPipelineExecutor):
         if done:
             logger.info(f"Skipping {done} already completed tasks")
         ctx = multiprocess.get_context(self.start_method)
+        if self.start_method == "forkserver":  # used when this process starts its forkserver
+            ctx.set_forkserver_preload(preload_modules(self.pipeline))
         alive, alive_for_workers = ctx.Pipe()
         running = {}  # socket to a worker -> [process, the rank it runs]
         try:
