@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -331,11 +332,13 @@ def fetch(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int],
 
 def _staging_dir(lake: Lake, prod: Production) -> str:
     """Where partial files live while downloading. In a local lake: the version's own _work
-    folder, so a killed run resumes from the bytes it had. On S3 (no appends): a local cache."""
+    folder, so a killed run resumes from the bytes it had. On S3 (no appends): a local cache,
+    per lake and version (the version's lease makes its producer in that lake the only one; two
+    lakes may produce the same version at once)."""
     if lake.is_local:
         d = prod.path("_work/download")
     else:
-        return cache_dir("download", prod.version)
+        return cache_dir("download", hashlib.sha256(lake.url.encode()).hexdigest()[:16], prod.version)
     os.makedirs(d, exist_ok=True)
     return d
 

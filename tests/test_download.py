@@ -138,6 +138,28 @@ def test_local_files_and_s3_lake(shared_data, s3_endpoint, originals):
     assert m.params["source"] == "files" and "/" not in json.dumps(m.params["files"])  # no local paths
 
 
+def test_two_s3_lakes_download_the_same_file_at_once(cc_root, originals, s3_endpoint):
+    """S3 downloads stage in a local cache folder. Two lakes producing the same version at once
+    (each the only producer in its lake) used to share it: the first to finish deleted the
+    other's partial file, which then failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = "ia-2008-heritrix.warc.gz"
+    first, second = (Lake(f"s3://{make_bucket(s3_endpoint)}/lake") for _ in range(2))
+    with CCServer(cc_root, {big: ["slow"]}, slow_delay=0.01) as srv, ThreadPoolExecutor(1) as pool:
+        url = srv.url + f"crawl-data/CC-MAIN-TEST/segments/1700000000002.02/warc/{big}"
+        slow = pool.submit(download, first, DownloadParams(urls=[url]))  # its transfer trickles
+        deadline = time.time() + 120
+        while srv.bytes_sent.get(url[len(srv.url) - 1:], 0) < 300_000 and time.time() < deadline:
+            time.sleep(0.05)
+        fast = download(second, DownloadParams(urls=[url]))  # the whole file, committed meanwhile
+        assert not slow.done()
+        ms = [slow.result(timeout=300), fast]
+    for lake, m in zip((first, second), ms):
+        assert [f["sha256"] for f in m.files] == [originals[big]] and lake.verify(m) == []
+    assert ms[0].version == ms[1].version
+
+
 # --------------------------------------------------------------------------- bad input
 
 
