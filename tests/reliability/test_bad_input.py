@@ -24,10 +24,12 @@ FILTER_BOUND_MB = 1024    # peak RSS of a filter run (spaCy, lxml and trafilatur
 
 def run_isolated(code: str, tmp_path: Path) -> tuple[int, str, float]:
     """Run `code` in a fresh interpreter; return (exit status, stderr, peak RSS in MB)."""
-    wrapper = (f"import resource, sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
+    wrapper = (f"import sys, json\nsys.path.insert(0, {str(ROOT)!r})\n"
                f"try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) +
                "    rc = 0\nexcept Exception as e:\n    print(f'error: {e}', file=sys.stderr)\n    rc = 1\n"
-               "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+               # VmHWM, this process's own peak: ru_maxrss keeps the parent's across fork and exec
+               "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+               "print(json.dumps({'rss_mb': int(hwm.split()[1]) / 1024}))\n"
                "sys.exit(rc)\n")
     r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     rss = json.loads(r.stdout.strip().splitlines()[-1])["rss_mb"]
