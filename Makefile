@@ -6,6 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+WORKERS ?= 3
 PORT   ?= 4200
 
 .PHONY: install system-deps demo test bench server clean
@@ -31,9 +32,11 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium curl iproute2 util-linux >/dev/null; \
 	fi
 
-# Ends with `suite took N s` (the pytest run alone, not the install).
+# pytest-xdist workers: most slow tests wait (on process start-up, S3 retries, a stage to reach the
+# point where it is killed), so 3 keep 2 cores busy. Ends with `suite took N s` (the pytest run
+# alone, not the install).
 test: $(STAMP) system-deps
-	@start=$$(date +%s); $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -n $(WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	  echo "suite took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 bench: $(STAMP)

@@ -210,12 +210,20 @@ def prefect_api() -> None:
 
 
 def quiet_prefect_exit() -> None:
-    """Prefect logs "Stopping temporary server" at exit, after our error line: silence its INFO
-    lines from here on, so that the one line stays the last (the server still stops at exit,
-    after the run's last logs were sent to it)."""
+    """Prefect logs at exit, after our error line: "Stopping temporary server" and, when its server
+    is slow to take the run's last events, "Still processing items" (a warning). Silence all but
+    its errors from here on, so that the one line stays the last (the server still stops at exit,
+    after the run's last logs and events were sent to it)."""
     import logging
+    import sys
 
-    logging.getLogger("prefect").setLevel(logging.WARNING)
+    logging.getLogger("prefect").setLevel(logging.ERROR)
+    if services := sys.modules.get("prefect._internal.concurrency.services"):
+        todo = [services._QueueServiceBase]  # each logs under its class name ("EventsWorker")
+        while todo:
+            cls = todo.pop()
+            logging.getLogger(cls.__name__).setLevel(logging.ERROR)
+            todo += cls.__subclasses__()
 
 
 def _override(spec: list[str] | None) -> dict:
@@ -240,7 +248,6 @@ def _override(spec: list[str] | None) -> dict:
 def cmd_stage(lake: Lake, args) -> int:
     """`stage NAME`: the options of the stage's parameter model, its inputs resolved (unknown
     refs and wrong kinds fail before any work, exit 2), its flow run, its summary line."""
-    from flows.stages import FLOWS
     from tasks.registry import stage
     from tasks.stage import resolve_inputs
 
@@ -260,6 +267,8 @@ def cmd_stage(lake: Lake, args) -> int:
             values[name] = lake.resolve(given or kinds[0]).ref
     params = _params(st.params, **values)
     resolve_inputs(lake, params)
+    from flows.stages import FLOWS  # Prefect: 1.2 s of CPU that a refused command does not spend
+
     m = lake.resolve(_run_flow(FLOWS[st.name], params, lake_url=lake.url))
     out.print(f"{m.ref}: {st.summary(m.metrics)}")
     if st.details:
@@ -302,8 +311,8 @@ def cmd_demo(lake: Lake, args) -> int:
 
 
 def cmd_run(lake: Lake, args) -> int:
-    from flows.pipeline import STAGES, PipelineParams, pipeline, summary_rows, summary_table
     from tasks.presets import preset
+    from tasks.registry import PIPELINE as STAGES, PipelineParams
 
     try:
         base = preset(args.preset, "file://" + os.path.abspath("demo-mirror") + "/")
@@ -316,6 +325,8 @@ def cmd_run(lake: Lake, args) -> int:
             raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
         values[stage] = {**values.get(stage, {}), **fields}
     params = _params(PipelineParams, **values)
+    from flows.pipeline import pipeline, summary_rows, summary_table  # Prefect, once the parameters are valid
+
     refs = _run_flow(pipeline, params, lake_url=lake.url)
     out.print(summary_table("pipeline", summary_rows(lake, refs)))
     return 0

@@ -10,38 +10,16 @@ with a user's error ends the pipeline with that stage's Failed state (its one li
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from pydantic import Field, create_model, model_validator
 
 from flows.stages import FLOWS
 from tasks.lake import Lake
-from tasks.registry import pipeline_stages, stage
-from tasks.stage import Strict, built_here
+from tasks.registry import PIPELINE, PipelineParams, stage
+from tasks.stage import built_here
 
-STAGES = tuple(s.name for s in pipeline_stages())
-StageName = Literal[STAGES]  # type: ignore[valid-type]
-
-
-class _Bounds(Strict):
-    """Which stages to run; the stages' own parameters are added below, one group per stage."""
-
-    from_stage: StageName = STAGES[0]
-    to_stage: StageName = STAGES[-1]
-    rebuild: list[StageName] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _order(self):
-        if STAGES.index(self.from_stage) > STAGES.index(self.to_stage):
-            raise ValueError(f"from_stage {self.from_stage!r} comes after to_stage {self.to_stage!r}")
-        return self
-
-
-PipelineParams = create_model("PipelineParams", __base__=_Bounds, __doc__="Every stage's parameters, grouped "
-                              "per stage, and which stages to run.",
-                              **{s.name: (s.params, s.defaults()) for s in pipeline_stages()})
+STAGES = PIPELINE
 
 
 @flow(name="pipeline", log_prints=True)

@@ -17,11 +17,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from tasks import dedup, download, filter as filter_, ingest, pretrain, shard, tokenizer
 from tasks.lake import Lake, Manifest
-from tasks.stage import StageParams, input_kinds
+from tasks.stage import StageParams, Strict, input_kinds
 
 PLUGINS_ENV = "CRAWL2MODEL_PLUGINS"
 
@@ -98,3 +98,28 @@ def stage(name: str) -> Stage:
 
 def pipeline_stages() -> list[Stage]:
     return [s for s in STAGES.values() if s.in_pipeline]
+
+
+# The pipeline's parameters, derived from the stages above: no Prefect import, so a command
+# validates them before it starts Prefect.
+PIPELINE = tuple(s.name for s in pipeline_stages())
+StageName = Literal[PIPELINE]  # type: ignore[valid-type]
+
+
+class _Bounds(Strict):
+    """Which stages to run; the stages' own parameters are added below, one group per stage."""
+
+    from_stage: StageName = PIPELINE[0]
+    to_stage: StageName = PIPELINE[-1]
+    rebuild: list[StageName] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if PIPELINE.index(self.from_stage) > PIPELINE.index(self.to_stage):
+            raise ValueError(f"from_stage {self.from_stage!r} comes after to_stage {self.to_stage!r}")
+        return self
+
+
+PipelineParams = create_model("PipelineParams", __base__=_Bounds, __doc__="Every stage's parameters, grouped "
+                              "per stage, and which stages to run.",
+                              **{s.name: (s.params, s.defaults()) for s in pipeline_stages()})

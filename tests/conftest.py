@@ -33,23 +33,32 @@ S3_KEY_ID = "AKIACRAWL2MODELTEST1"
 S3_SECRET = "crawl2model-test-secret-" + "9f3a7c51e2"
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-# Prefect: own home, no analytics, and the session's server (started by pytest_sessionstart, waited
-# for by the autouse `prefect_server` fixture), all set before anything imports prefect. The
-# server's own home (its database) is below _PREFECT_HOME, so a test that searches what Prefect
-# wrote (test_storage_faults' credential check) searches it too.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="c2m-prefect-home-")
+
+# Prefect: own home, no analytics, and the run's one server, all set before anything imports
+# prefect. `make test` runs pytest-xdist workers (pytest -n): the first process to import this file
+# (the controller, or a plain `pytest`) picks the folders and the port and exports them; the
+# workers it starts inherit them. The server lives in SERVER_HOME (its database), each process's
+# Prefect state in a PREFECT_HOME of its own below TEST_HOME: a test that searches what Prefect
+# wrote (test_storage_faults' credential check) searches all of TEST_HOME.
+if "C2M_TEST_HOME" not in os.environ:
+    os.environ["C2M_TEST_HOME"] = tempfile.mkdtemp(prefix="c2m-test-")
+    os.environ["C2M_TEST_PREFECT_URL"] = f"http://127.0.0.1:{free_port()}"
+TEST_HOME = Path(os.environ["C2M_TEST_HOME"])
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+SERVER_HOME = TEST_HOME / "server"
+_PREFECT_HOME = str(TEST_HOME / f"prefect-{WORKER}")
+os.makedirs(_PREFECT_HOME, exist_ok=True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 os.environ.pop("CRAWL2MODEL_LAKE", None)
-PREFECT_URL = f"http://127.0.0.1:{free_port()}"
+PREFECT_URL = os.environ["C2M_TEST_PREFECT_URL"]
 os.environ["PREFECT_API_URL"] = f"{PREFECT_URL}/api"
 
 
@@ -115,21 +124,80 @@ def lake_url(request, tmp_path) -> str:
 
 # --------------------------------------------------------------------------- the Prefect server
 
-_SERVER_HOME = Path(_PREFECT_HOME) / "server"
 _server: subprocess.Popen | None = None
 
 
-def _start_prefect_server() -> subprocess.Popen:
-    """`prefect server start` on PREFECT_URL, in a session of its own (uvicorn dies with it)."""
+def _start_prefect_server() -> subprocess.Popen | None:
+    """`prefect server start` on PREFECT_URL, in a session of its own (uvicorn dies with it), by
+    the controller or a plain pytest; an xdist worker uses theirs (None)."""
     global _server
-    if _server is None:
-        _SERVER_HOME.mkdir(parents=True, exist_ok=True)
+    if _server is None and "PYTEST_XDIST_WORKER" not in os.environ:
+        SERVER_HOME.mkdir(parents=True, exist_ok=True)
         port = PREFECT_URL.rsplit(":", 1)[1]
-        env = {**os.environ, "PREFECT_HOME": str(_SERVER_HOME)}
+        env = {**os.environ, "PREFECT_HOME": str(SERVER_HOME)}
         _server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
-                                    "--analytics-off"], stdout=open(_SERVER_HOME / "server.log", "wb"),
-                                   stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=_SERVER_HOME)
+                                    "--analytics-off"], stdout=open(SERVER_HOME / "server.log", "wb"),
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=SERVER_HOME)
     return _server
+
+
+# Under pytest-xdist (`make test`: -n 3 --dist loadgroup), the tests that share an expensive
+# fixture run in one worker, so it is made once: the S3 pipelines, and each module-scoped fixture
+# (the curated corpus, the tokenizer corpus, the trained model, ...). The session-scoped demo runs
+# are shared by all workers instead (`run_once`). The queue starts with the S3 pipelines (the
+# longest unit), then one test that makes the reference demo run while the other workers take the
+# groups that do not need it, then the long single tests, so the last ones to run are short.
+FIRST = ["s3-pipelines", "tests/test_pipeline.py::test_demo_pipeline_end_to_end", "tests/test_curation.py",
+         "tests/test_model.py", "tests/test_tokens.py", "tests/test_registry.py::test_a_stage_added",
+         "tests/reliability/test_process_faults.py::test_a_killed_datatrove", "tests/reliability/test_storage_faults.py",
+         "tests/reliability/test_full_disk.py", "tests/reliability/test_process_faults.py", "tests/test_download.py"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str | None:
+        if mark := item.get_closest_marker("xdist_group"):  # the test's own
+            return mark.args[0]
+        if "s3_pipelines" in item.fixturenames:
+            return "s3-pipelines"
+        defs = item._fixtureinfo.name2fixturedefs
+        if any(d[-1].scope == "module" for name in item.fixturenames for d in [defs.get(name)] if d):
+            return item.nodeid.split("::")[0]
+        return None
+
+    def rank(item) -> int:
+        for i, key in enumerate(FIRST):
+            if group(item) == key or item.nodeid.startswith(key):
+                return i
+        return len(FIRST)
+
+    for item in items:
+        if (g := group(item)) is not None and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(g))
+    items.sort(key=rank)  # stable: collection order within a rank
+
+
+def run_once(name: str, tmp_path_factory, make):
+    """`make(folder)` once for the whole run: under pytest-xdist the first worker to ask makes it in
+    a folder all workers share (under a file lock), the others wait for it and read it back; the
+    value must pickle."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    import fcntl
+    import pickle
+
+    root = tmp_path_factory.getbasetemp().parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / f"{name}.pickle"
+        if done.exists():
+            return pickle.loads(done.read_bytes())
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to make it left
+        folder.mkdir()
+        value = make(folder)
+        done.write_bytes(pickle.dumps(value))
+        return value
 
 
 def pytest_sessionstart(session):
@@ -139,16 +207,16 @@ def pytest_sessionstart(session):
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> dict:
-    """The session's Prefect server, up and healthy before the first test: {"url", "env"}. Every
+    """The run's Prefect server, up and healthy before the first test: {"url", "env"}. Every
     test uses it through PREFECT_API_URL (exported above); the deployment and UI tests by name."""
     import urllib.request
 
     proc = _start_prefect_server()
     deadline = time.time() + 180
     while True:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"prefect server exited with {proc.returncode}:\n"
-                               + (_SERVER_HOME / "server.log").read_text()[-3000:])
+                               + (SERVER_HOME / "server.log").read_text()[-3000:])
         try:
             with urllib.request.urlopen(f"{PREFECT_URL}/api/health", timeout=2) as r:
                 if r.status == 200:
@@ -157,7 +225,7 @@ def prefect_server() -> dict:
             pass
         if time.time() > deadline:
             raise RuntimeError("prefect server not healthy after 180 s:\n"
-                               + (_SERVER_HOME / "server.log").read_text()[-3000:])
+                               + (SERVER_HOME / "server.log").read_text()[-3000:])
         time.sleep(0.3)
     return {"url": PREFECT_URL, "env": dict(os.environ)}
 
@@ -223,10 +291,12 @@ QUICK = ["--set", "pretrain.max_steps=20", "--set", "pretrain.eval_every=10", "-
 
 @pytest.fixture(scope="session")
 def demo_mirror(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("mirror") / "demo-mirror"
-    r = run_cli("demo-mirror", str(d))
-    assert r.returncode == 0, r.stderr
-    return d
+    def make(folder: Path) -> Path:
+        r = run_cli("demo-mirror", str(folder / "demo-mirror"))
+        assert r.returncode == 0, r.stderr
+        return folder / "demo-mirror"
+
+    return run_once("mirror", tmp_path_factory, make)
 
 
 def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None,
@@ -254,22 +324,25 @@ def demo_local_run(demo_mirror, tmp_path_factory):
     CompletedProcess, for tests/reliability/test_listeners.py."""
     from tests.listening import watch_listeners
 
-    work = tmp_path_factory.mktemp("pipe")
-    lake = str(work / "lake")
-    cmd = [str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK]
-    with open(work / "stdout", "w+") as out, open(work / "stderr", "w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=demo_mirror.parent, env=temp_server_env())
-        try:
-            seen = watch_listeners(proc)
-            proc.wait(900)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        out.seek(0), err.seek(0)
-        r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-    assert r.returncode == 0, r.stderr[-4000:]
-    r.listeners = seen
-    return lake, r
+    def make(work: Path):
+        lake = str(work / "lake")
+        cmd = [str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK]
+        with open(work / "stdout", "w+") as out, open(work / "stderr", "w+") as err:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=demo_mirror.parent,
+                                    env=temp_server_env())
+            try:
+                seen = watch_listeners(proc)
+                proc.wait(900)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            out.seek(0), err.seek(0)
+            r = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        assert r.returncode == 0, r.stderr[-4000:]
+        r.listeners = seen
+        return lake, r
+
+    return run_once("pipe", tmp_path_factory, make)
 
 
 @pytest.fixture(scope="session")
@@ -296,10 +369,27 @@ def faults(proxy: str, **cfg):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
     if _server is not None and _server.poll() is None:
         os.killpg(_server.pid, 15)
         try:
             _server.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(_server.pid, 9)
-    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
+
+
+
+if os.environ.get("C2M_CPU_LOG"):  # C2M_CPU_LOG=FILE: each test's CPU seconds (with its waited children), wall seconds
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        import resource
+
+        def cpu() -> float:
+            return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                          resource.getrusage(resource.RUSAGE_CHILDREN)))
+        t, c = time.time(), cpu()
+        yield
+        with open(os.environ["C2M_CPU_LOG"], "a") as f:
+            f.write(f"{cpu() - c:8.1f} {time.time() - t:8.1f} {item.nodeid}\n")

@@ -282,9 +282,10 @@ def test_bad_input_under_torchrun_tears_down(shards, tmp_path):
 
 def test_teardown_repeatedly(shards, tmp_path):
     """gloo's rank 0 used to abort now and then at exit ("terminate called without an active
-    exception") when the process group was not destroyed: a few short runs, all clean."""
+    exception") when the process group was not destroyed: two more short runs, both clean (every
+    other torchrun of this file checks the same with `no_abort`)."""
     data, _ = shards
-    for i in range(3):
+    for i in range(2):
         proc = subprocess.run(torchrun_cmd(data, tmp_path / f"o{i}", "--max-steps", "2", "--eval-every", "1"),
                               capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
         no_abort(proc)

@@ -79,6 +79,7 @@ def prefect(server, *args, timeout=300):
                           env=server["env"], timeout=timeout)
 
 
+@pytest.mark.xdist_group("deployments")  # the next test runs what this one deploys
 def test_prefect_deploy_all_creates_every_deployment_and_the_schedule(prefect_server):
     for pool in ("crawl2model-process", "crawl2model-gpu"):
         r = prefect(prefect_server, "work-pool", "create", pool, "--type", "process")
@@ -95,6 +96,7 @@ def test_prefect_deploy_all_creates_every_deployment_and_the_schedule(prefect_se
     assert "crawl2model-gpu" in r.stdout
 
 
+@pytest.mark.xdist_group("deployments")
 def test_a_deployment_run_with_invalid_parameters_is_refused_before_it_starts(prefect_server):
     """The server checks a run's parameters against the flow's pydantic schema (extra fields
     forbidden, bounds): no flow run is created."""

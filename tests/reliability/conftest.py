@@ -4,9 +4,10 @@ Three demo pipelines at once on one S3 lake, every request through the fault-inj
 with 10% of them faulted, the credentials from a Prefect Secret block only (not in the
 environment): two identical runs and a different one beside them. One set of runs serves
 - test_concurrency: one producer per version, the different run undisturbed;
-- test_storage_faults: the pipeline through S3 faults equals a clean local run, no credential in
-  anything the runs wrote, and the outages mid-stage (run on this lake afterwards).
-Before, the faulted pipeline and the concurrent ones were separate full pipelines on S3."""
+- test_storage_faults: the pipeline through S3 faults equals a clean local run, and no credential
+  is in anything the runs wrote.
+Before, the faulted pipeline and the concurrent ones were separate full pipelines on S3. Under
+pytest-xdist the tests that read these runs share one worker (tests/conftest.py groups them)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def s3_pipelines(demo_mirror, s3_endpoint, fault_proxy) -> dict:
                                  *extra], cwd=demo_mirror.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
 
-    with faults(fault_proxy, rate=0.1, seed=1) as counts:
+    with faults(fault_proxy, rate=0.1, seed=1, stall_s=0.3) as counts:  # a stall: 0.3 s, then the reply
         runs = [start(), start(), start(*OTHER)]
         outs = [p.communicate(timeout=1200) for p in runs]
         injected = counts()

@@ -15,7 +15,8 @@ import pytest
 
 from tasks.lake import SECRET_BLOCK_ENV, Lake
 from tasks.stage import cache_dir
-from tests.conftest import BIN, S3_KEY_ID, S3_SECRET, _PREFECT_HOME, faults, make_bucket, versions_and_hashes
+from tests.conftest import (BIN, S3_KEY_ID, S3_SECRET, TEST_HOME, copy_version, faults, make_bucket,
+                            versions_and_hashes)
 from tests.reliability.conftest import summary_refs
 from tests.s3faults import KINDS
 
@@ -75,7 +76,7 @@ def test_no_credential_in_anything_a_pipeline_run_wrote(faulted_run, s3_endpoint
             for o in page.get("Contents", [])]
     assert len(keys) > 50
     blobs += [s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys]
-    local = [p for root in (cache_dir(), _PREFECT_HOME) for p in Path(root).rglob("*") if p.is_file()]
+    local = [p for root in (cache_dir(), TEST_HOME) for p in Path(root).rglob("*") if p.is_file()]  # the server's too
     assert any(p.name.endswith(".db") for p in local), "Prefect's database was not found"
     blobs += [p.read_bytes() for p in local]
     for secret in (S3_KEY_ID, S3_SECRET):
@@ -89,12 +90,15 @@ TINY = ["--preset", "tiny", "--nproc-per-node", "2", "--set", "batch_size=8", "-
 
 @pytest.mark.parametrize("stage", [["dedup", "--set", "seed=7"], ["pretrain", "--max-steps", "40", *TINY]],
                          ids=["dedup", "pretrain"])
-def test_an_outage_mid_stage_is_a_clear_error_and_the_rerun_completes(stage, faulted_run, s3_endpoint,
+def test_an_outage_mid_stage_is_a_clear_error_and_the_rerun_completes(stage, demo_local_run, s3_endpoint,
                                                                        fault_proxy):
-    bucket, runs, _ = faulted_run
-    lake_url, kind = f"s3://{bucket}/lake", stage[0]
-    if kind == "pretrain":  # the full runs' shard (the lake also holds the different run's)
-        stage = [*stage, "--input", summary_refs(runs[0].stdout)["shard"]]
+    """The stage's inputs are the reference run's, copied into a bucket of the test's own."""
+    kind = stage[0]
+    bucket = make_bucket(s3_endpoint)
+    lake_url = f"s3://{bucket}/lake"
+    reference = Lake(demo_local_run[0])
+    source = reference.resolve(reference.resolve(kind).inputs[0])  # dedup: the filter; pretrain: the shard
+    stage = [*stage, "--input", copy_version(reference, Lake(lake_url), source.ref)]
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)  # straight to S3, past the proxy
 
     def objects() -> list[str]:
