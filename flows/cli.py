@@ -312,17 +312,17 @@ def cmd_demo(lake: Lake, args) -> int:
 
 def cmd_run(lake: Lake, args) -> int:
     from tasks.presets import preset
-    from tasks.registry import PIPELINE as STAGES, PipelineParams
+    from tasks.registry import PIPELINE, PipelineParams
 
     try:
         base = preset(args.preset, "file://" + os.path.abspath("demo-mirror") + "/")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    values = {**{k: v.model_dump() for k, v in base.items()}, "from_stage": args.from_stage or STAGES[0],
-              "to_stage": args.to_stage or STAGES[-1], "rebuild": args.rebuild or []}
+    values = {**{k: v.model_dump() for k, v in base.items()}, "from_stage": args.from_stage or PIPELINE[0],
+              "to_stage": args.to_stage or PIPELINE[-1], "rebuild": args.rebuild or []}
     for stage, fields in _override(args.set).items():
-        if stage not in STAGES or not isinstance(fields, dict):
-            raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(STAGES)}")
+        if stage not in PIPELINE or not isinstance(fields, dict):
+            raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(PIPELINE)}")
         values[stage] = {**values.get(stage, {}), **fields}
     params = _params(PipelineParams, **values)
     from flows.pipeline import pipeline, summary_rows, summary_table  # Prefect, once the parameters are valid

@@ -19,14 +19,12 @@ from tasks.lake import Lake
 from tasks.registry import PIPELINE, PipelineParams, stage
 from tasks.stage import built_here
 
-STAGES = PIPELINE
-
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams(), lake_url: str | None = None) -> dict[str, str]:
     """Returns {stage: ref} of every stage it ran."""
     log, lake = get_run_logger(), Lake(lake_url)
-    run = STAGES[STAGES.index(params.from_stage):STAGES.index(params.to_stage) + 1]
+    run = PIPELINE[PIPELINE.index(params.from_stage):PIPELINE.index(params.to_stage) + 1]
     refs: dict[str, str] = {}
     for name in run:
         given = getattr(params, name)

@@ -404,14 +404,16 @@ def _worker(executor, slot: int, stage, alive) -> None:
         stage.send(None)
 
 
-_WORD_SPLITTERS = ("load_word_tokenizer", "split_into_words", "split_into_parts")  # datatrove.utils.{word_tokenizers,text}
+# datatrove.utils.{word_tokenizers,text}: a step module that imports one of these splits words with spaCy
+_WORD_SPLITTERS = ("load_word_tokenizer", "split_into_words", "split_into_parts")
 
 
 def preload_modules(pipeline: list) -> list[str]:
     """The modules a worker of `pipeline` imports: its steps' modules, their declared dependencies
-    and spaCy for the steps that split words (the Gopher, C4 and FineWeb filters, MinHash; datatrove imports it lazily, ~4 s of CPU). The
-    forkserver imports them once and every worker it forks has them; without this each worker
-    (two per datatrove run, six runs in `dedup`) imported them itself."""
+    and spaCy for the steps that split words (the Gopher, C4 and FineWeb filters, MinHash;
+    datatrove imports it lazily, ~4 s of CPU). The forkserver imports them once and every worker
+    it forks has them; without this each worker (two per datatrove run, six runs in `dedup`)
+    imported them itself."""
     mods = ["__main__", __name__]  # __main__: multiprocessing's own default
     for step in pipeline:
         module = type(step).__module__

@@ -39,7 +39,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-
 # Prefect: own home, no analytics, and the run's one server, all set before anything imports
 # prefect. `make test` runs pytest-xdist workers (pytest -n): the first process to import this file
 # (the controller, or a plain `pytest`) picks the folders and the port and exports them; the
@@ -50,9 +49,9 @@ if "C2M_TEST_HOME" not in os.environ:
     os.environ["C2M_TEST_HOME"] = tempfile.mkdtemp(prefix="c2m-test-")
     os.environ["C2M_TEST_PREFECT_URL"] = f"http://127.0.0.1:{free_port()}"
 TEST_HOME = Path(os.environ["C2M_TEST_HOME"])
-WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # None: the controller, or a plain pytest
 SERVER_HOME = TEST_HOME / "server"
-_PREFECT_HOME = str(TEST_HOME / f"prefect-{WORKER}")
+_PREFECT_HOME = str(TEST_HOME / f"prefect-{WORKER or 'main'}")
 os.makedirs(_PREFECT_HOME, exist_ok=True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -131,7 +130,7 @@ def _start_prefect_server() -> subprocess.Popen | None:
     """`prefect server start` on PREFECT_URL, in a session of its own (uvicorn dies with it), by
     the controller or a plain pytest; an xdist worker uses theirs (None)."""
     global _server
-    if _server is None and "PYTEST_XDIST_WORKER" not in os.environ:
+    if _server is None and WORKER is None:
         SERVER_HOME.mkdir(parents=True, exist_ok=True)
         port = PREFECT_URL.rsplit(":", 1)[1]
         env = {**os.environ, "PREFECT_HOME": str(SERVER_HOME)}
@@ -165,14 +164,14 @@ def pytest_collection_modifyitems(config, items):
             return item.nodeid.split("::")[0]
         return None
 
-    def rank(item) -> int:
-        for i, key in enumerate(FIRST):
-            if group(item) == key or item.nodeid.startswith(key):
-                return i
-        return len(FIRST)
+    groups = {item: group(item) for item in items}
 
-    for item in items:
-        if (g := group(item)) is not None and not item.get_closest_marker("xdist_group"):
+    def rank(item) -> int:
+        return next((i for i, key in enumerate(FIRST) if groups[item] == key or item.nodeid.startswith(key)),
+                    len(FIRST))
+
+    for item, g in groups.items():
+        if g is not None and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(g))
     items.sort(key=rank)  # stable: collection order within a rank
 
@@ -181,7 +180,7 @@ def run_once(name: str, tmp_path_factory, make):
     """`make(folder)` once for the whole run: under pytest-xdist the first worker to ask makes it in
     a folder all workers share (under a file lock), the others wait for it and read it back; the
     value must pickle."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:
+    if WORKER is None:
         return make(tmp_path_factory.mktemp(name))
     import fcntl
     import pickle
@@ -369,7 +368,7 @@ def faults(proxy: str, **cfg):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if "PYTEST_XDIST_WORKER" in os.environ:
+    if WORKER is not None:
         return
     if _server is not None and _server.poll() is None:
         os.killpg(_server.pid, 15)
@@ -378,7 +377,6 @@ def pytest_sessionfinish(session, exitstatus):
         except subprocess.TimeoutExpired:
             os.killpg(_server.pid, 9)
     shutil.rmtree(TEST_HOME, ignore_errors=True)
-
 
 
 if os.environ.get("C2M_CPU_LOG"):  # C2M_CPU_LOG=FILE: each test's CPU seconds (with its waited children), wall seconds

@@ -6,23 +6,8 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from pathlib import Path
 
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, [])
-    return out
+from common.process import descendants
 
 
 def listeners() -> list[tuple[str, str, int]]:
@@ -41,7 +26,7 @@ def watch_listeners(proc: subprocess.Popen, every: float = 0.3) -> set[tuple[str
     while it ran; returns when it has ended."""
     seen: set[tuple[str, str]] = set()
     while proc.poll() is None:
-        tree = descendants(proc.pid)
+        tree = {proc.pid, *descendants(proc.pid)}
         seen |= {(addr, name) for addr, name, pid in listeners() if pid in tree}
         time.sleep(every)
     return seen

@@ -38,7 +38,7 @@ def test_prefect_yaml_is_written_from_the_registry():
 
 def test_commands_flows_and_pipeline_come_from_the_registry():
     from flows.cli import build_parser
-    from flows.pipeline import STAGES as PIPELINE, PipelineParams
+    from tasks.registry import PIPELINE, PipelineParams
     from flows.stages import FLOWS
     from tasks.registry import STAGES
 
