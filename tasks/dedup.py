@@ -124,9 +124,13 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
                 current = folder("_work/exact/out")
                 current_paths = None
             if params.minhash:
+                from tasks.words import SpacyEnglishSplitter, spacy_english_rules
+
+                spacy_english_rules()  # read from spaCy once, here, before the workers start
                 reader = _reader(current, current_paths)
                 run_datatrove([reader, *([] if params.exact else [Meter("input")]),
-                               MinhashDedupSignature(folder("_work/minhash/sigs"), config=mh_cfg)],
+                               MinhashDedupSignature(folder("_work/minhash/sigs"), config=mh_cfg,
+                                                     language=SpacyEnglishSplitter())],
                               tasks, workers, folder("_work/logs/minhash-1"))
                 run_datatrove([MinhashDedupBuckets(folder("_work/minhash/sigs"), folder("_work/minhash/buckets"),
                                                    config=mh_cfg)],

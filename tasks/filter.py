@@ -1,10 +1,13 @@
 """Stage `filter`: WARC -> text -> FineWeb's quality filters -> Parquet documents.
 
 A datatrove pipeline over the WARC files of a `download` version:
-HTML responses -> URL blocklist -> text extraction -> language -> Gopher repetition -> Gopher
-quality -> C4 quality -> FineWeb quality -> PII masking -> Parquet. FineWeb's thresholds are
-the defaults; each is a field below. Work runs in the version's `_work/` folder with
-datatrove's completion markers, so a killed run resumes from the tasks it finished.
+HTML responses -> URL blocklist -> prescreen (cheap extraction: drops pages confidently in
+another language or made of one repeated phrase before trafilatura runs) -> text extraction ->
+language (fastText lid.176) -> Gopher repetition -> Gopher quality -> C4 quality -> FineWeb
+quality -> PII masking -> Parquet. FineWeb's thresholds are the defaults; each is a field below.
+The word-splitting filters share one `tasks.words.SpacyEnglishSplitter` (datatrove's spaCy
+splitter, token for token, at a fraction of the CPU). Work runs in the version's `_work/` folder
+with datatrove's completion markers, so a killed run resumes from the tasks it finished.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
 from tasks.stage import StageParams, Strict, TaskDied, input_ref, resolve_inputs, run_stage
 
-CODE_VERSION = "filter/2"
+CODE_VERSION = "filter/3"  # 3: fastText lid.176 for language id, the prescreen before extraction
 
 
 class GopherRepetition(Strict):
@@ -75,8 +78,10 @@ class FilterParams(StageParams):
     input: str = input_ref("download")
     extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
     favour_precision: bool = Field(True, description="trafilatura's favor_precision (FineWeb's choice)")
+    prescreen: bool = Field(True, description="drop pages whose cheap extraction is confidently in another language "
+                            "or one repeated phrase before trafilatura runs (tasks.steps.Prescreen)")
     url_filter: bool = True
-    languages: list[str] = Field(["en"], min_length=1, description="ISO 639-1 codes to keep")
+    languages: list[str] = Field(["en"], min_length=1, description="ISO 639 codes to keep (the 176 of fastText lid.176)")
     language_threshold: float = Field(0.65, ge=0, le=1)
     gopher_repetition: GopherRepetition = GopherRepetition()
     gopher_quality: GopherQuality = GopherQuality()
@@ -90,12 +95,12 @@ class FilterParams(StageParams):
     @field_validator("languages")
     @classmethod
     def _iso(cls, v: list[str]) -> list[str]:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        from tasks.steps import lid_languages
 
-        known = set(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+        known = lid_languages()
         bad = [x for x in v if x not in known]
         if bad:
-            raise ValueError(f"unknown language code {bad[0]!r} (py3langid knows {len(known)} ISO 639-1 codes)")
+            raise ValueError(f"unknown language code {bad[0]!r} (fastText lid.176 knows {len(known)} ISO 639 codes)")
         return sorted(set(v))
 
     def recipe(self) -> dict:
@@ -109,13 +114,16 @@ class FilterError(StageError):
 # Points of the funnel, in pipeline order: (meter name, the step it follows).
 def build_pipeline(params: FilterParams, warc_folder, paths_file: str, out_folder, removed_folder,
                    crawl: str) -> list:
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter,
-                                            GopherQualityFilter, GopherRepetitionFilter)
+    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter
     from datatrove.pipeline.formatters import PIIFormatter
     from datatrove.pipeline.writers.parquet import ParquetWriter
 
-    from tasks.steps import (CompactURLFilter, Extract, LanguageId, Meter, RemovedSample,
-                             WarcHtmlReader, document_adapter)
+    from tasks.steps import (CompactURLFilter, Extract, FastGopherRepetition, LanguageId, Meter, Prescreen,
+                             RemovedSample, WarcHtmlReader, document_adapter)
+    from tasks.words import NewDocument, SpacyEnglishSplitter, spacy_english_rules
+
+    spacy_english_rules()  # read from spaCy once, here, before the workers start
+    words = SpacyEnglishSplitter()  # one for all filters: a document is split once
 
     def removed(name: str):
         return RemovedSample(removed_folder, name, cap=params.removed_sample) if params.removed_sample else None
@@ -124,11 +132,16 @@ def build_pipeline(params: FilterParams, warc_folder, paths_file: str, out_folde
                    Meter("html")]
     if params.url_filter:
         steps += [CompactURLFilter(exclusion_writer=removed("url")), Meter("url")]
+    steps.append(NewDocument(words))
+    if params.prescreen and params.extractor == "trafilatura":  # resiliparse is the cheap extraction itself
+        rep = params.gopher_repetition
+        steps += [Prescreen(params.languages, params.language_threshold, rep.top_n_grams if rep.enabled else (),
+                            words, exclusion_writer=removed("prescreen")), Meter("prescreen")]
     steps += [Extract(params.extractor, params.favour_precision), Meter("extracted"),
               LanguageId(params.languages, params.language_threshold, exclusion_writer=removed("language")),
               Meter("language")]
     filters = [
-        ("gopher_repetition", params.gopher_repetition, GopherRepetitionFilter),
+        ("gopher_repetition", params.gopher_repetition, FastGopherRepetition),
         ("gopher_quality", params.gopher_quality, GopherQualityFilter),
         ("c4_quality", params.c4_quality, C4QualityFilter),
         ("fineweb_quality", params.fineweb_quality, FineWebQualityFilter),
@@ -139,7 +152,7 @@ def build_pipeline(params: FilterParams, warc_folder, paths_file: str, out_folde
             for k in ("top_n_grams", "dup_n_grams"):
                 if k in kwargs:
                     kwargs[k] = tuple(tuple(x) for x in kwargs[k])
-            steps += [cls(exclusion_writer=removed(name), **kwargs), Meter(name)]
+            steps += [cls(exclusion_writer=removed(name), language=words, **kwargs), Meter(name)]
     if params.pii:
         # One replacement each: datatrove cycles through a list, which depends on document order.
         steps.append(PIIFormatter(email_replacement="email@example.com", ip_replacement="22.214.171.124"))

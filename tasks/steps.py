@@ -5,7 +5,7 @@
   counted, never fatal.
 - `Extract`: trafilatura or resiliparse, deterministic: no wall-clock timeout and no
   cross-document state, so a rerun or a resume gives the same documents.
-- `LanguageId`: py3langid, whose model ships inside its wheel (no download at run time).
+- `LanguageId`: fastText `lid.176` (FineWeb's model), its compressed form shipped in tasks/assets.
 - `CompactURLFilter`: datatrove's URLFilter with the 5M-domain blocklist held as a sorted array
   of 64-bit hashes (~40 MB) instead of a Python set (~825 MB), and tldextract kept offline.
 - `Meter`: counts documents and bytes passing a point: the funnel.
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -23,6 +24,7 @@ import re
 import sys
 import tarfile
 import zlib
+from collections import Counter
 
 import multiprocess
 import numpy as np
@@ -30,6 +32,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.pipeline.filters.url_filter import URLFilter
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.writers.parquet import ParquetWriter
@@ -154,6 +157,116 @@ class WarcHtmlReader(BaseDiskReader):
 # --------------------------------------------------------------------------- extraction
 
 
+class Prescreen(BaseFilter):
+    """Drops a page before trafilatura runs when a cheap extraction of it (resiliparse's main
+    content, ~1/20 of trafilatura's CPU) already fails a rule that the page's real text fails too:
+
+    - another language with confidence: the top language is not a kept one and has probability
+      >= the language threshold (the language filter would drop it either way);
+    - on large pages (>= `ngram_screen_bytes` of HTML, where trafilatura costs most), one phrase
+      repeated over the text: a 2-, 3- or 4-word n-gram whose repeats cover more of the text than
+      Gopher's top-n-gram rule allows (listings, tag clouds, navigation pages).
+
+    Trafilatura's CPU is spread unevenly: on the filter bench the ten costliest pages took 45% of
+    it, all pages the filters drop in the end. Measured on the bench's 332 distinct pages: none of
+    the 168 documents the stage keeps is screened out (issue 14)."""
+
+    name = "🔭 Prescreen"
+
+    def __init__(self, languages: list[str], language_threshold: float, top_n_grams=(), words=None,
+                 exclusion_writer=None, ngram_screen_bytes: int = 64 << 10, language_chars: int = 5_000):
+        super().__init__(exclusion_writer)
+        self.languages, self.language_threshold = set(languages), language_threshold
+        self.top_n_grams, self.words = tuple(tuple(x) for x in top_n_grams), words
+        self.ngram_screen_bytes, self.language_chars = ngram_screen_bytes, language_chars
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if doc.metadata.get("content") == "wet":
+            return True
+        from resiliparse.extract.html2text import extract_plain_text
+
+        text = extract_plain_text(doc.text, main_content=True, alt_texts=False, links=False,
+                                  list_bullets=True, noscript=False, comments=False).strip()
+        if not text:
+            return True  # nothing to judge by: trafilatura decides
+        lang, score = top_language(text, self.language_chars)
+        if lang not in self.languages and score >= self.language_threshold:
+            return False, f"language_{lang}"
+        if self.top_n_grams and len(doc.text) >= self.ngram_screen_bytes:
+            words = self.words.word_tokenize(text)
+            for n, n_frac in self.top_n_grams:
+                if top_ngram_chars(words, n) / len(text) > n_frac:
+                    return False, f"top_{n}_gram"
+        return True
+
+
+def top_ngram_chars(words: list[str], n: int) -> int:
+    """Gopher's top-n-gram measure (datatrove's `find_top_duplicate(get_n_grams(words, n))`: the
+    characters of the most frequent n-gram, joined by spaces, times its count), counting tuples
+    instead of building every joined string."""
+    if len(words) < n:
+        return 0
+    counts = Counter(zip(*(words[i:] for i in range(n))))
+    gram, count = max(counts.items(), key=lambda kv: kv[1])  # the first of the most frequent, as most_common(1)
+    return (sum(map(len, gram)) + n - 1) * count
+
+
+def duplicate_ngram_chars(joined: str, offsets: list[int], n: int) -> int:
+    """datatrove's `find_all_duplicate(words, n)` (characters in n-grams seen before, an n-gram
+    being its words joined without a separator), each n-gram a slice of the words joined once
+    (`joined`, `offsets[i]` where word i starts) instead of a join per position."""
+    unique: set[str] = set()
+    repeated, idx, last = 0, 0, len(offsets) - 1 - n + 1
+    while idx < last:
+        gram = joined[offsets[idx]:offsets[idx + n]]
+        if gram in unique:
+            repeated += len(gram)
+            idx += n
+        else:
+            unique.add(gram)
+            idx += 1
+    return repeated
+
+
+class FastGopherRepetition(GopherRepetitionFilter):
+    """datatrove's GopherRepetitionFilter (0.10.1), the same decision for every document with less
+    CPU: top n-grams counted as tuples (`top_ngram_chars`), repeated n-grams as slices of one
+    string (`duplicate_ngram_chars`). Its rules and thresholds are the parent's; this `filter` is
+    the parent's with those two measures swapped in (tests/test_curation.py compares them)."""
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
+        from datatrove.utils.text import split_into_words
+
+        text = doc.text
+        if not text:
+            return False, "empty"
+        paragraphs = self.paragraph_exp.split(text.strip())
+        paragraphs_duplicates, char_duplicates = find_duplicates(paragraphs)
+        if self.dup_para_frac and paragraphs_duplicates / len(paragraphs) > self.dup_para_frac:
+            return False, "dup_para_frac"
+        if self.dup_para_char_frac and char_duplicates / len(text) > self.dup_para_char_frac:
+            return False, "dup_para_char_frac"
+        lines = self._line_splitter.split(text)
+        line_duplicates, char_duplicates = find_duplicates(lines)
+        if self.dup_line_frac and line_duplicates / len(lines) > self.dup_line_frac:
+            return False, "dup_line_frac"
+        if self.dup_line_char_frac and char_duplicates / len(text) > self.dup_line_char_frac:
+            return False, "dup_line_char_frac"
+        words = split_into_words(text, self.language)
+        for n, n_frac in self.top_n_grams:
+            if len(words) >= n and top_ngram_chars(words, n) / len(text) > n_frac:
+                return False, f"top_{n}_gram"
+        if self.dup_n_grams:
+            joined, offsets = "".join(words), [0]
+            for w in words:
+                offsets.append(offsets[-1] + len(w))
+            for n, n_frac in self.dup_n_grams:
+                if duplicate_ngram_chars(joined, offsets, n) / len(text) > n_frac:
+                    return False, f"duplicated_{n}_n_grams"
+        return True
+
+
 class Extract(PipelineStep):
     """HTML -> main text. Deterministic: same HTML, same text, whatever the machine load."""
 
@@ -203,8 +316,33 @@ class Extract(PipelineStep):
 # --------------------------------------------------------------------------- filters
 
 
+LID_MODEL = os.path.join(os.path.dirname(__file__), "assets", "lid.176.ftz")
+
+
+@functools.cache
+def lid_model():
+    """fastText's `lid.176` language identifier (compressed `.ftz`, shipped in tasks/assets), one
+    per process."""
+    from fasttext.FastText import _FastText  # not fasttext.load_model: it prints a warning
+
+    return _FastText(LID_MODEL)
+
+
+def lid_languages() -> frozenset[str]:
+    """The 176 ISO 639 codes `lid.176` names."""
+    return frozenset(label.removeprefix("__label__") for label in lid_model().get_labels())
+
+
+def top_language(text: str, max_chars: int = 20_000) -> tuple[str, float]:
+    """The most likely language of `text` (its first `max_chars`) and its probability."""
+    labels, probs = lid_model().predict(text[:max_chars].replace("\n", " "), k=1)
+    return labels[0].removeprefix("__label__"), min(float(probs[0]), 1.0)
+
+
 class LanguageId(BaseFilter):
-    """Keeps documents in `languages` with probability >= threshold (py3langid, offline)."""
+    """Keeps documents in `languages` whose top language has probability >= threshold, by
+    fastText `lid.176` (FineWeb's model and threshold; its compressed `.ftz` form ships with
+    crawl2model, so nothing is downloaded)."""
 
     name = "🌍 Language ID"
 
@@ -212,15 +350,11 @@ class LanguageId(BaseFilter):
                  max_chars: int = 20_000):
         super().__init__(exclusion_writer)
         self.languages, self.threshold, self.max_chars = set(languages), threshold, max_chars
-        self._model = None
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if self._model is None:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-            self._model = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-        lang, score = self._model.classify(doc.text[: self.max_chars].replace("\n", " "))
-        doc.metadata["language"], doc.metadata["language_score"] = lang, round(float(score), 4)
+        # top-1 only: the document is kept when a kept language is the top one with p >= threshold
+        lang, score = top_language(doc.text, self.max_chars)
+        doc.metadata["language"], doc.metadata["language_score"] = lang, round(score, 4)
         if lang not in self.languages:
             return False, f"language_{lang}"
         if score < self.threshold:
@@ -410,10 +544,10 @@ _WORD_SPLITTERS = ("load_word_tokenizer", "split_into_words", "split_into_parts"
 
 def preload_modules(pipeline: list) -> list[str]:
     """The modules a worker of `pipeline` imports: its steps' modules, their declared dependencies
-    and spaCy for the steps that split words (the Gopher, C4 and FineWeb filters, MinHash;
-    datatrove imports it lazily, ~4 s of CPU). The forkserver imports them once and every worker
-    it forks has them; without this each worker (two per datatrove run, six runs in `dedup`)
-    imported them itself."""
+    and spaCy for a step that splits words with it (one given a language code rather than
+    `tasks.words.SpacyEnglishSplitter`; datatrove imports spaCy lazily, ~4 s of CPU). The
+    forkserver imports them once and every worker it forks has them; without this each worker
+    (two per datatrove run, six runs in `dedup`) imported them itself."""
     mods = ["__main__", __name__]  # __main__: multiprocessing's own default
     for step in pipeline:
         module = type(step).__module__
@@ -421,7 +555,8 @@ def preload_modules(pipeline: list) -> list[str]:
         for cls in type(step).mro():
             for dep in vars(cls).get("_requires_dependencies", []):
                 mods.append(dep[0] if isinstance(dep, tuple) else dep)
-        if any(hasattr(sys.modules.get(module), f) for f in _WORD_SPLITTERS):
+        if isinstance(getattr(step, "language", None), str) \
+                and any(hasattr(sys.modules.get(module), f) for f in _WORD_SPLITTERS):
             mods.append("spacy")
     return [m for m in dict.fromkeys(mods) if m == "__main__" or importlib.util.find_spec(m) is not None]
 

@@ -92,10 +92,12 @@ def curated(shared_data, tmp_path_factory, request):
 def test_filter_funnel_on_real_warcs(curated):
     lake, flt = curated["lake"], curated["filter"]
     funnel = {r["step"]: r for r in flt.metrics["funnel"]}
-    assert list(funnel) == ["url", "extracted", "language", "gopher_repetition", "gopher_quality",
+    assert list(funnel) == ["url", "prescreen", "extracted", "language", "gopher_repetition", "gopher_quality",
                             "c4_quality", "fineweb_quality"]
     assert funnel["url"]["docs_in"] >= 150  # HTML responses read from the 8 files
-    assert funnel["language"]["docs_in"] - funnel["language"]["docs_out"] >= 10
+    # other languages: most are screened out before trafilatura runs, the rest by the language filter
+    assert funnel["prescreen"]["removed"] >= 5
+    assert funnel["prescreen"]["removed"] + funnel["language"]["removed"] >= 10
     for step in ("gopher_repetition", "gopher_quality", "fineweb_quality"):
         assert funnel[step]["docs_out"] < funnel[step]["docs_in"], step
     assert 20 <= flt.metrics["documents"] == funnel["fineweb_quality"]["docs_out"]
@@ -150,6 +152,91 @@ def test_language_id_accuracy_per_language(shared_data):
             step.filter(doc)
             right += doc.metadata["language"] == lang
         assert right / len(lines) >= 0.95, (lang, right / len(lines))
+
+
+def _real_texts(shared_data) -> list[str]:
+    """Real text of many kinds: Common Crawl page texts, wiki markup, a novel, a textbook."""
+    import gzip
+    import json
+
+    with gzip.open(shared_data / "text" / "CC-MAIN-20190717121559-20190717143559-00140.jsonl.gz", "rt") as f:
+        texts = [json.loads(line)["text"] for line in f][:100]
+    for name in ("wikitext-2-raw-test.raw", "botchan.txt"):
+        s = (shared_data / "text" / name).read_text(encoding="utf-8", errors="replace")
+        texts += [s[i:i + 20_000] for i in range(0, 120_000, 20_000)]
+    return texts
+
+
+def test_word_splitter_is_datatrove_spacy_token_for_token(shared_data):
+    """tasks.words.SpacyEnglishSplitter stands in for datatrove's spaCy splitter in the Gopher, C4,
+    FineWeb and MinHash steps: same words, same sentences, on real text of many kinds."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters.gopher_repetition_filter import (GopherRepetitionFilter, find_all_duplicate,
+                                                                     find_top_duplicate, get_n_grams)
+    from datatrove.utils.word_tokenizers import SpaCyTokenizer
+
+    from tasks.steps import FastGopherRepetition, duplicate_ngram_chars, top_ngram_chars
+    from tasks.words import SpacyEnglishSplitter
+
+    spacy_en, ours = SpaCyTokenizer("en"), SpacyEnglishSplitter()
+    stock_rep, fast_rep = GopherRepetitionFilter(language=ours), FastGopherRepetition(language=ours)
+    decisions = set()
+    texts = _real_texts(shared_data)
+    tokens = 0
+    for i, text in enumerate(texts):
+        words = spacy_en.word_tokenize(text)
+        assert ours.word_tokenize(text) == words, i
+        tokens += len(words)
+        for line in [line.strip() for line in text.splitlines() if line.strip()][:6]:
+            assert ours.span_tokenize(line) == spacy_en.span_tokenize(line), line  # C4 counts these
+        assert ours.sent_tokenize(text[:5000]) == spacy_en.sent_tokenize(text[:5000]), i
+        # FastGopherRepetition's measures are datatrove's, so are its decisions
+        for n in (2, 3, 4):
+            assert top_ngram_chars(words, n) == (find_top_duplicate(get_n_grams(words, n)) if len(words) >= n else 0)
+        offsets = [0]
+        for w in words:
+            offsets.append(offsets[-1] + len(w))
+        for n in range(5, 11):
+            assert duplicate_ngram_chars("".join(words), offsets, n) == find_all_duplicate(words, n)
+        decision = fast_rep.filter(Document(text=text, id=str(i)))
+        assert decision == stock_rep.filter(Document(text=text, id=str(i))), i
+        decisions.add(decision if decision is True else decision[1])
+    assert tokens > 100_000 and len(decisions) >= 2
+    # spaCy's special cases, affixes, URLs, emoticons and its matcher's merging of split specials
+    tricky = "Don't stop (8) e.g. at 10a.m., see https://x.org/a?b=1 :) ''''bold''''"
+    assert ours.word_tokenize(tricky) == spacy_en.word_tokenize(tricky) == \
+        ["Do", "n't", "stop", "(", "8)", "e.g.", "at", "10", "a.m.", ",", "see", "https://x.org/a?b=1",
+         ":)", "''", "'", "'", "bold", "''", "'", "'"]
+
+
+def test_prescreen_drops_other_languages_and_repeated_phrases_before_extraction(shared_data):
+    from datatrove.data import Document
+
+    from tasks.steps import Extract, Prescreen, WarcHtmlReader, top_language
+    from tasks.words import SpacyEnglishSplitter
+
+    pages = {}
+    for name in ("cc-main-2020-34-excerpt.warc.gz", "wget-sample-0000.warc.gz"):
+        with open(shared_data / "warc" / name, "rb") as f:
+            for record in ArchiveIterator(f):
+                if (d := WarcHtmlReader("/")._record(record)) is not None:
+                    pages[d["url"]] = d["text"]
+    step = Prescreen(["en"], 0.65, [(2, 0.2), (3, 0.18), (4, 0.16)], SpacyEnglishSplitter())
+    for url in NON_ENGLISH:
+        assert step.filter(Document(text=pages[url], id=url)) == (False, "language_zh"), url
+    # no page whose extracted text the language filter keeps is screened out
+    extract, english = Extract(), []
+    for url, html in pages.items():
+        lang, score = top_language(extract.extract(html))
+        if lang == "en" and score >= 0.65:
+            english.append(url)
+            assert step.filter(Document(text=html, id=url)) is True, url
+    assert len(english) >= 3
+    # a large page that is one phrase over and over (a tag cloud): screened only at >= 64 KiB of HTML
+    cloud = "<html><body><p>" + "cheap flights to paris " * 3500 + "</p><p>" + pages[english[0]][-3000:] + "</p></body></html>"
+    assert len(cloud) >= 64 << 10
+    assert step.filter(Document(text=cloud, id="cloud")) == (False, "top_2_gram")
+    assert step.filter(Document(text=cloud[:60_000] + "</p></body></html>", id="small")) is True
 
 
 def test_corrupt_members_are_skipped_and_counted(shared_data, tmp_path):
