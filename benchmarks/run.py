@@ -10,6 +10,7 @@ BENCHMARKS = [
     "benchmarks.bench_extraction",  # extraction F1 on 181 gold pages, per extractor
     "benchmarks.bench_filter",      # filter CPU-s / 1,000 records and peak RSS vs datatrove's stock FineWeb
     "benchmarks.bench_tokens",      # sentencepiece vs HF tokenizers, encode vs tiktoken, loader vs nanoGPT
+    "benchmarks.bench_shard",       # the shard stage on every core vs on one
     "benchmarks.bench_train",       # trainer tokens/s vs a minimal nanoGPT loop
     "benchmarks.bench_prefect",     # the demo pipeline through Prefect vs direct calls
 ]

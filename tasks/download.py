@@ -2,8 +2,10 @@
 
 Sources: a crawl id (its `warc.paths.gz` read from the base URL), explicit URLs, or local
 files. Transfers run in parallel with retries (exponential backoff + jitter, Retry-After on
-429/503), resume a dropped transfer with an HTTP Range request, and verify every file (each
-gzip member to its trailer, every record against its length) before it enters the lake.
+429/503), resume a dropped transfer with an HTTP Range request, and verify every file (its
+sha256, each gzip member to its trailer, every record against its length) before it enters
+the lake: in the same pass as the transfer, on the bytes as they arrive (`tasks.warc.WarcChecker`),
+so a damaged file is refused as soon as its damage arrives and no file is read twice.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tasks.lake import Lake, Manifest, Production
 from tasks.errors import StageError
 from tasks.progress import Progress
 from tasks.stage import StageParams, cache_dir, run_stage
-from tasks.warc import WarcError, copy_first_records, verify_warc
+from tasks.warc import WarcChecker, WarcError, WarcStats, copy_first_records, verify_warc
 
 CODE_VERSION = "download/1"
 DEFAULT_BASE_URL = "https://data.commoncrawl.org/"
@@ -126,7 +128,7 @@ def _fetch_small(url: str, params: DownloadParams) -> bytes:
     """A listing or index (paths.gz, collinfo.json), with the same retry policy."""
     with tempfile.TemporaryDirectory() as tmp:
         part = os.path.join(tmp, "listing")
-        fetch(url, part, params.model_copy(update={"max_records": None}))
+        fetch(url, part, params.model_copy(update={"max_records": None}), check_warc=False)
         return Path(part).read_bytes()
 
 
@@ -225,8 +227,33 @@ def _http() -> requests.Session:
     return _session.s
 
 
-def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None]) -> None:
-    """One HTTP attempt, appending to `part` from where it stopped (Range)."""
+class _Unchecked:
+    """What a transfer that is not a WARC (a listing) is checked with: nothing."""
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+
+def _resumed_checker(part: str, name: str, append: bool, check_warc: bool) -> WarcChecker | _Unchecked:
+    """The WARC check of a transfer, fed first with the bytes an earlier attempt left in `part`
+    when this one appends to them (the only bytes read twice, and only on a resume)."""
+    if not check_warc:
+        return _Unchecked()
+    checker = WarcChecker(name)
+    if append:
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                checker.feed(chunk)
+    return checker
+
+
+def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None],
+               check_warc: bool, name: str) -> WarcStats | None:
+    """One HTTP attempt, appending to `part` from where it stopped (Range); every byte is checked
+    as it is written (`WarcChecker`). Returns the file's check, or None for a cut (max_records)."""
     have = os.path.getsize(part) if os.path.exists(part) and not params.max_records else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
@@ -257,10 +284,12 @@ def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[
                     copy_first_records(_RawReader(r, on_bytes), out, params.max_records, url)
                 except (requests.RequestException, OSError) as e:
                     raise _Retryable(f"{url}: {type(e).__name__} mid-body") from None
-                return
+                return None
+            checker = _resumed_checker(part, name, append, check_warc)
             try:
                 for chunk in r.iter_content(1 << 16):
                     out.write(chunk)
+                    checker.feed(chunk)
                     on_bytes(len(chunk))
             except (requests.RequestException, OSError) as e:
                 raise _Retryable(f"{url}: connection lost after {out.tell()} bytes: "
@@ -268,6 +297,7 @@ def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[
         size = os.path.getsize(part)
         if total is not None and size != total:
             raise _Retryable(f"{url}: got {size} of {total} bytes")
+        return checker.finish()
 
 
 class _RawReader:
@@ -282,17 +312,21 @@ class _RawReader:
         return data
 
 
-def _fsspec_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None]) -> None:
-    """file:// and s3:// sources (fsspec retries S3 itself)."""
+def _fsspec_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None],
+                 check_warc: bool, name: str) -> WarcStats | None:
+    """file:// and s3:// sources (fsspec retries S3 itself), checked as they are copied."""
     try:
         src_cm = fsspec.open(url, "rb")
         with src_cm as src, open(part, "w+b" if params.max_records else "wb") as out:
             if params.max_records:
                 copy_first_records(_Counting(src, on_bytes), out, params.max_records, url)
-                return
+                return None
+            checker = _resumed_checker(part, name, False, check_warc)
             while chunk := src.read(1 << 20):
                 out.write(chunk)
+                checker.feed(chunk)
                 on_bytes(len(chunk))
+        return checker.finish()
     except FileNotFoundError:
         raise DownloadError(f"{url}: no such file") from None
     except PermissionError:
@@ -310,15 +344,16 @@ class _Counting:
 
 
 def fetch(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None] = lambda n: None,
-          log: Callable[[str], None] = lambda m: None) -> None:
-    """Fetch `url` into the local file `part`, retrying and resuming until it is whole."""
-    local = urlparse(url).scheme in ("", "file", "s3")
+          log: Callable[[str], None] = lambda m: None, check_warc: bool = True) -> WarcStats | None:
+    """Fetch `url` into the local file `part`, retrying and resuming until it is whole, checking
+    it as it arrives (a WARC, unless `check_warc` is false). Returns its check (None for a cut to
+    max_records, whose cut file is checked after, or when not checked)."""
+    local, name = urlparse(url).scheme in ("", "file", "s3"), url  # errors name what the user gave
     if urlparse(url).scheme == "":
         url = "file://" + os.path.abspath(url)
     for attempt in range(params.retries + 1):
         try:
-            (_fsspec_once if local else _http_once)(url, part, params, on_bytes)
-            return
+            return (_fsspec_once if local else _http_once)(url, part, params, on_bytes, check_warc, name)
         except _Retryable as e:
             if attempt == params.retries:
                 raise DownloadError(f"{e} (gave up after {params.retries + 1} attempts)") from None
@@ -354,13 +389,17 @@ def download_one(src: Source, staging: str, params: DownloadParams, progress: Pr
         fetched += n
         progress.advance_bytes(n)
 
-    if not os.path.exists(done):
-        fetch(src.url, part, params, on_bytes, log)
-        os.replace(part, done)
+    stats = None
     try:
-        stats = verify_warc(lambda: open(done, "rb"), src.url)
+        if not os.path.exists(done):
+            stats = fetch(src.url, part, params, on_bytes, log)
+            os.replace(part, done)
+        if stats is None:  # a cut to max_records, or a file an interrupted run fetched whole
+            stats = verify_warc(lambda: open(done, "rb"), src.url)
     except WarcError:
-        os.remove(done)  # a bad file is never kept for the next run to trust
+        for path in (part, done):  # a bad file is never kept for the next run to trust
+            if os.path.exists(path):
+                os.remove(path)
         raise
     progress.advance_files(1)
     return done, {"name": src.name, "url": src.url, "sha256": stats.sha256, "bytes": stats.bytes,

@@ -2,10 +2,14 @@
 reads; see its docstring).
 
 Streaming in two passes, so memory stays flat as the corpus grows:
-1. tokenise batch by batch (sentencepiece on all cores), split train/val by a hash of the
-   document id, and scatter rows into buckets by a seeded hash (the shuffle);
+1. tokenise batch by batch, split train/val by a hash of the document id, and scatter rows into
+   buckets by a seeded hash (the shuffle);
 2. each bucket (about one shard of tokens) is read back, ordered by its shuffle key and
    written as a zstd Parquet shard.
+Both passes run on `threads` processes (one per core): a batch is tokenised, and a bucket
+sorted and compressed, by a worker; the stage process writes their results in input order, so
+the shards are the same bytes whatever the number of processes (threads of sentencepiece alone
+left most of the work, Python's and Arrow's, on one core).
 """
 
 from __future__ import annotations
@@ -39,14 +43,105 @@ class ShardParams(StageParams):
     shard_tokens: int = Field(16 * 2**20, ge=1024, description="target tokens per shard")
     seed: int = Field(0, ge=0, description="seed of the document shuffle")
     row_group_tokens: int = Field(1 << 20, ge=256, description="target tokens per Parquet row group")
-    threads: int = Field(2, ge=1, le=1024, description="tokenising threads (not part of the version)")
+    threads: int = Field(2, ge=1, le=1024, description="processes that tokenise and write shards "
+                         "(not part of the version: the shards are the same bytes)")
 
     def recipe(self) -> dict:
         return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "threads"})
 
 
+BATCH_DOCUMENTS = 512  # documents tokenised per batch: a unit of work of pass 1
+
+
 def _unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
+
+
+_MODELS: dict = {}
+
+
+def _model(path: str):
+    if path not in _MODELS:
+        _MODELS[path] = load(path)
+    return _MODELS[path]
+
+
+def _schema(dtype) -> pa.Schema:
+    return pa.schema([("key", pa.float64()), ("id", pa.string()), ("tokens", pa.list_(dtype))])
+
+
+def tokenise_batch(model_path: str, batch: list[dict], bos: int, dtype_name: str, val_fraction: float,
+                   seed: int, buckets: dict[str, int]) -> tuple[dict[tuple[str, int], pa.Table], tuple[float, str]]:
+    """Pass 1 on one batch: each document's tokens (BOS first), its split and shuffle key, as one
+    table per (split, bucket); and the (validation hash, id) of the batch's document likeliest to
+    go to validation."""
+    dtype = pa.uint16() if dtype_name == "uint16" else pa.uint32()
+    ids = _model(model_path).encode([d["text"] for d in batch], num_threads=1)  # one core per process
+    rows: dict[tuple[str, int], list] = {}
+    first = (2.0, "")
+    for d, toks in zip(batch, ids):
+        h = _unit(f"val:{d['id']}")
+        first = min(first, (h, d["id"]))
+        split = "val" if h < val_fraction else "train"
+        key = _unit(f"{seed}:{d['id']}")
+        rows.setdefault((split, _bucket(buckets, split, key)), []).append((key, d["id"], [bos, *toks]))
+    tables = {}
+    for where, rs in rows.items():
+        keys, doc_ids, toks = zip(*rs)
+        tables[where] = pa.table({"key": list(keys), "id": list(doc_ids), "tokens": pa.array(toks, type=pa.list_(dtype))},
+                                 schema=_schema(dtype))
+    return tables, first
+
+
+def _bucket(buckets: dict[str, int], split: str, key: float) -> int:
+    return min(int(key * buckets[split]), buckets[split] - 1)
+
+
+def write_shard(bucket_path: str, out: str, row_group_tokens: int) -> tuple[int, int]:
+    """Pass 2 on one bucket: its rows in shuffle order, written as a zstd Parquet shard.
+    Returns (documents, tokens)."""
+    table = pq.read_table(bucket_path).sort_by("key")
+    tokens = int(pc.list_value_length(table.column("tokens")).to_numpy().sum())
+    rows_per_group = max(1, int(len(table) * row_group_tokens / max(tokens, 1)))
+    pq.write_table(table.select(["id", "tokens"]), out, compression="zstd", row_group_size=rows_per_group)
+    return len(table), tokens
+
+
+class _InOrder:
+    """Runs calls on `processes` worker processes (in this one when 1) and yields their results in
+    the order of the calls, holding at most two calls per process in flight."""
+
+    def __init__(self, processes: int):
+        self.processes, self.pool = processes, None
+        if processes > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("forkserver")  # the stage may run in a thread: no fork
+            ctx.set_forkserver_preload([__name__])
+            self.pool = ProcessPoolExecutor(processes, mp_context=ctx)
+
+    def map(self, fn, calls):
+        if self.pool is None:
+            for args in calls:
+                yield fn(*args)
+            return
+        from collections import deque
+
+        pending: deque = deque()
+        for args in calls:
+            pending.append(self.pool.submit(fn, *args))
+            if len(pending) >= 2 * self.processes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] = print) -> Manifest:
@@ -64,54 +159,41 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
     def build(prod: Production) -> None:
         buckets = {"train": max(1, math.ceil(est_tokens * (1 - params.val_fraction) / params.shard_tokens)),
                    "val": max(1, math.ceil(est_tokens * params.val_fraction / params.shard_tokens))}
-        schema = pa.schema([("key", pa.float64()), ("id", pa.string()), ("tokens", pa.list_(dtype))])
-        with tempfile.TemporaryDirectory() as tmp:
+        model_path = tokenizer_path(lake, tok.ref)
+        dtype_name = "uint16" if dtype == pa.uint16() else "uint32"
+        # worker processes only when there is more than one batch to share (their start-up costs
+        # about a second); the bytes are the same either way
+        processes = params.threads if source.metrics["documents"] > BATCH_DOCUMENTS else 1
+        with tempfile.TemporaryDirectory() as tmp, _InOrder(processes) as workers:
             writers: dict[tuple[str, int], pq.ParquetWriter] = {}
-
-            def writer(split: str, b: int) -> pq.ParquetWriter:
-                if (split, b) not in writers:
-                    writers[(split, b)] = pq.ParquetWriter(os.path.join(tmp, f"{split}-{b}.parquet"), schema)
-                return writers[(split, b)]
-
             docs = {"train": 0, "val": 0}
-            batch: list[dict] = []
-            first = [(2.0, "")]  # (val hash, id) of the document likeliest to go to validation
+            first = (2.0, "")  # (val hash, id) of the document likeliest to go to validation
 
-            def bucket(split: str, key: float) -> int:
-                return min(int(key * buckets[split]), buckets[split] - 1)
+            def batches():
+                batch: list[dict] = []
+                for doc in iter_documents(lake, source):
+                    batch.append(doc)
+                    if len(batch) >= BATCH_DOCUMENTS:
+                        yield (model_path, batch, special[BOS], dtype_name, params.val_fraction, params.seed, buckets)
+                        batch = []
+                if batch:
+                    yield (model_path, batch, special[BOS], dtype_name, params.val_fraction, params.seed, buckets)
 
-            def flush() -> None:
-                ids = sp.encode([d["text"] for d in batch], num_threads=params.threads)
-                rows: dict[tuple[str, int], list] = {}
-                for d, toks in zip(batch, ids):
-                    h = _unit(f"val:{d['id']}")
-                    first[0] = min(first[0], (h, d["id"]))
-                    split = "val" if h < params.val_fraction else "train"
-                    key = _unit(f"{params.seed}:{d['id']}")
-                    b = bucket(split, key)
-                    rows.setdefault((split, b), []).append((key, d["id"], [special[BOS], *toks]))
-                    docs[split] += 1
-                for (split, b), rs in rows.items():
-                    keys, doc_ids, toks = zip(*rs)
-                    writer(split, b).write_table(pa.table({"key": list(keys), "id": list(doc_ids),
-                                                           "tokens": pa.array(toks, type=pa.list_(dtype))},
-                                                          schema=schema))
-                batch.clear()
-
-            for doc in iter_documents(lake, source):
-                batch.append(doc)
-                if len(batch) >= 512:
-                    flush()
-            if batch:
-                flush()
+            for tables, batch_first in workers.map(tokenise_batch, batches()):
+                first = min(first, batch_first)
+                for (split, b), table in tables.items():
+                    if (split, b) not in writers:
+                        writers[(split, b)] = pq.ParquetWriter(os.path.join(tmp, f"{split}-{b}.parquet"), table.schema)
+                    writers[(split, b)].write_table(table)
+                    docs[split] += len(table)
             for w in writers.values():
                 w.close()
             if params.val_fraction > 0 and docs["val"] == 0 and docs["train"] >= 2:
                 # a small corpus where the hash sent nothing to validation: move the document
                 # closest to it there, so there is always something to validate on
-                doc_id = first[0][1]
+                doc_id = first[1]
                 key = _unit(f"{params.seed}:{doc_id}")
-                path = os.path.join(tmp, f"train-{bucket('train', key)}.parquet")
+                path = os.path.join(tmp, f"train-{_bucket(buckets, 'train', key)}.parquet")
                 table = pq.read_table(path)
                 moved = pc.equal(table.column("id"), doc_id)
                 rest = table.filter(pc.invert(moved))
@@ -119,29 +201,22 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
                     pq.write_table(rest, path)
                 else:
                     os.remove(path)
-                pq.write_table(table.filter(moved), os.path.join(tmp, f"val-{bucket('val', key)}.parquet"))
+                pq.write_table(table.filter(moved), os.path.join(tmp, f"val-{_bucket(buckets, 'val', key)}.parquet"))
                 docs["train"], docs["val"] = docs["train"] - 1, 1
 
             splits = {}
             for split in ("train", "val"):
-                files, counts = [], []
-                n = 0
-                for b in range(buckets[split]):
-                    path = os.path.join(tmp, f"{split}-{b}.parquet")
-                    if not os.path.exists(path):
-                        continue
-                    table = pq.read_table(path).sort_by("key")  # one bucket: about one shard
-                    name = f"{split}/shard-{n:05d}.parquet"
-                    tokens = pc.list_value_length(table.column("tokens")).to_numpy().sum()
-                    rows_per_group = max(1, int(len(table) * params.row_group_tokens / max(tokens, 1)))
-                    out = os.path.join(tmp, "out.parquet")
-                    pq.write_table(table.select(["id", "tokens"]), out, compression="zstd",
-                                   row_group_size=rows_per_group)
+                present = [os.path.join(tmp, f"{split}-{b}.parquet") for b in range(buckets[split])]
+                present = [p for p in present if os.path.exists(p)]
+                names = [f"{split}/shard-{n:05d}.parquet" for n in range(len(present))]
+                calls = [(p, f"{p}.shard", params.row_group_tokens) for p in present]
+                counts = []
+                for (bucket_path, out, _), name, (n_docs, tokens) in zip(calls, names,
+                                                                         workers.map(write_shard, calls)):
                     prod.put_file(out, name)
-                    files.append(name)
-                    counts.append({"file": name, "documents": len(table), "tokens": int(tokens)})
-                    n += 1
-                splits[split] = {"files": files, "documents": docs[split],
+                    os.remove(out)
+                    counts.append({"file": name, "documents": n_docs, "tokens": tokens})
+                splits[split] = {"files": names, "documents": docs[split],
                                  "tokens": int(sum(c["tokens"] for c in counts)), "shards": counts}
         if splits["train"]["tokens"] == 0:
             raise TokenizerError(f"no training tokens: every document of {source.ref} went to validation")

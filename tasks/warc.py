@@ -33,26 +33,12 @@ class WarcStats:
     by_type: dict[str, int] = field(default_factory=dict)
 
 
-class _Hashing:
-    """A read-only file wrapper that hashes and counts what passes through it."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.h.update(data)
-        self.n += len(data)
-        return data
-
-
 HEADER_LIMIT = 64 << 10  # a WARC (or ARC) header block must end within this many bytes
 
 
 def _check_head(head: bytes, member: int, name: str) -> None:
     """The start of a gzip member must be a WARC/ARC header that ends in reasonable space:
-    warcio reads header lines without a bound, so a member of 1 GB of zeros (a gzip bomb)
-    would otherwise be read into memory whole."""
+    a member of 1 GB of zeros (a gzip bomb) must not be read into memory whole."""
     if not head:
         return
     if not (head.startswith(b"WARC/") or head[:1].isalnum()):
@@ -62,89 +48,193 @@ def _check_head(head: bytes, member: int, name: str) -> None:
                         f"{HEADER_LIMIT // 1024} KiB")
 
 
-def _check_gzip(f: BinaryIO, name: str) -> int:
-    """Walk every gzip member to its end (zlib checks each CRC and length trailer), checking
-    that each starts with a sane WARC header. Bounded memory whatever the member sizes:
-    output is discarded in 1 MiB steps."""
-    members, d, in_member, head, checked = 0, zlib.decompressobj(31), False, b"", False
-    while chunk := f.read(1 << 20):
+def _header_end(buf: bytes, start: int, search_from: int | None = None) -> int:
+    """Where the record header starting at buf[start] ends (the index after it), or -1 if not
+    within buf. WARC: after the first blank line; ARC: after its one line."""
+    frm = start if search_from is None else search_from
+    if buf[start:start + 5] == b"WARC/"[: len(buf[start:start + 5])]:
+        ends = [i + 4 for i in (buf.find(b"\r\n\r\n", frm),) if i >= 0] + \
+               [i + 2 for i in (buf.find(b"\n\n", frm),) if i >= 0]
+        return min(ends) if ends else -1
+    i = buf.find(b"\n", frm)
+    return -1 if i < 0 else i + 1
+
+
+class WarcChecker:
+    """Checks a WARC (plain or gzip, per-record gzip as Common Crawl writes it; WARC 0.17 to 1.1,
+    and ARC) as its bytes arrive, in one pass: `feed(chunk)` each chunk in order, then `finish()`.
+
+    - the sha256 and size of the file;
+    - every gzip member inflated once, to its CRC and length trailer (zlib checks them), each
+      starting with a sane WARC header, nothing but gzip members after the first;
+    - every record: a header that ends within 64 KiB, a valid Content-Length, and a block of
+      that many bytes (warcio forgives a truncated gzip member or a short record; a download
+      must not).
+
+    Memory stays bounded whatever the file: output is inflated in 1 MiB steps and a record's
+    block is counted, not kept. A download feeds it the bytes it writes, so the check costs no
+    second read of the file and overlaps the transfer."""
+
+    def __init__(self, name: str):
+        self.name, self.stats = name, WarcStats()
+        self._sha = hashlib.sha256()
+        self._gzipped: bool | None = None
+        self._first = b""  # the first bytes, until we know whether the file is gzip
+        self._inflate = None  # zlib.decompressobj of the current member
+        self._member_head, self._head_checked = b"", False
+        self._header = bytearray()  # the record header being read
+        self._block_left = 0  # bytes of the current record's block still to come
+        self._record = ""  # its type, for messages
+        self._declared = 0
+        self._records_in_member = 0  # records begun in the current gzip member
+
+    # -- the file's bytes
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self._sha.update(data)
+        self.stats.bytes += len(data)
+        if self._gzipped is None:
+            self._first += data
+            if len(self._first) < 2:
+                return
+            self._gzipped, data, self._first = self._first[:2] == GZIP_MAGIC, self._first, b""
+        if self._gzipped:
+            self._feed_gzip(data)
+        else:
+            self._feed_records(data)
+
+    def _feed_gzip(self, chunk: bytes) -> None:
         while chunk:
-            try:
-                out = d.decompress(chunk, 1 << 20)
-            except zlib.error as e:
-                raise WarcError(f"{name}: corrupt gzip data in member {members + 1}: {e}") from None
-            if not checked:
-                head += out[:HEADER_LIMIT - len(head)]
-                if len(head) >= HEADER_LIMIT:
-                    _check_head(head, members + 1, name)
-                    checked = True
-            in_member = True
-            chunk = d.unconsumed_tail
+            if self._inflate is None:
+                if not chunk.startswith(GZIP_MAGIC[: len(chunk)]):
+                    raise WarcError(f"{self.name}: garbage after gzip member {self.stats.gzip_members}")
+                self._inflate = zlib.decompressobj(31)
+            d = self._inflate
+            while chunk:
+                try:
+                    out = d.decompress(chunk, 1 << 20)
+                except zlib.error as e:
+                    raise WarcError(f"{self.name}: corrupt gzip data in member {self.stats.gzip_members + 1}: "
+                                    f"{e}") from None
+                if not self._head_checked:
+                    had = len(self._member_head)
+                    self._member_head += out[:HEADER_LIMIT - had]
+                    if had < 5 <= len(self._member_head):  # the start, before its records are read
+                        _check_head(self._member_head[:5] + b"\n\n", self.stats.gzip_members + 1, self.name)
+                    if len(self._member_head) >= HEADER_LIMIT:
+                        _check_head(self._member_head, self.stats.gzip_members + 1, self.name)
+                        self._head_checked = True
+                self._feed_records(out)
+                chunk = d.unconsumed_tail
+                if d.eof:
+                    break
             if d.eof:
-                members += 1
-                if not checked:
-                    _check_head(head, members, name)
-                chunk, d, in_member, head, checked = d.unused_data, zlib.decompressobj(31), False, b"", False
-                if chunk and not chunk.startswith(GZIP_MAGIC[: len(chunk)]):
-                    raise WarcError(f"{name}: garbage after gzip member {members}")
-    if in_member:
-        raise WarcError(f"{name}: truncated: gzip member {members + 1} ends before its trailer")
-    return members
+                self.stats.gzip_members += 1
+                self._records_in_member = 0
+                if not self._head_checked:
+                    _check_head(self._member_head, self.stats.gzip_members, self.name)
+                chunk, self._inflate, self._member_head, self._head_checked = d.unused_data, None, b"", False
+
+    # -- the records, in the inflated bytes
+
+    def _feed_records(self, data: bytes) -> None:
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._block_left:  # inside a record's block: count it
+                take = min(self._block_left, n - pos)
+                self._block_left -= take
+                pos += take
+                continue
+            if self._header:  # a header that began in an earlier chunk
+                joined = bytes(self._header) + data[:HEADER_LIMIT]
+                end = _header_end(joined, 0, max(0, len(self._header) - 3))
+                if end < 0:
+                    self._header += data
+                    self._check_header_size()
+                    return
+                pos, header, self._header = end - len(self._header), joined[:end], bytearray()
+                self._start_record(header)
+                continue
+            while pos < n and data[pos] in b"\r\n":  # the blank lines that end the previous record
+                pos += 1
+            if pos == n:
+                return
+            end = _header_end(data, pos)
+            if end < 0:
+                self._header = bytearray(data[pos:])
+                self._check_header_size()
+                return
+            self._start_record(data[pos:end])
+            pos = end
+
+    def _check_header_size(self) -> None:
+        if len(self._header) > HEADER_LIMIT:
+            raise WarcError(f"{self.name}: not a valid WARC (after {self.stats.records} records): "
+                            f"no end of record header in {HEADER_LIMIT // 1024} KiB")
+
+    def _start_record(self, header: bytes) -> None:
+        number = self.stats.records + 1
+        if self._gzipped:
+            self._records_in_member += 1
+            if self._records_in_member > 1:  # as warcio, and so every reader downstream, refuses
+                raise WarcError(f"{self.name}: not a valid WARC (after {self.stats.records} records): gzip member "
+                                f"{self.stats.gzip_members + 1} holds more than one record (a WARC is gzipped "
+                                "record by record)")
+        lines = header.decode("utf-8", "replace").replace("\r\n", "\n").split("\n")
+        if lines[0].startswith("WARC/"):
+            fields = {}
+            for line in lines[1:]:
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip().lower()] = value.strip()
+            raw_length = fields.get("content-length")
+            kind = fields.get("warc-type", "unknown")
+        else:  # ARC: "URL IP date mime length" (v1) or more fields; the length is the last
+            parts = lines[0].split()
+            if len(parts) < 5 or not parts[0] or "/" not in parts[0] + parts[3]:
+                raise WarcError(f"{self.name}: not a valid WARC (after {self.stats.records} records): "
+                                f"{' '.join(lines[0].split())[:160]!r} is not a record header")
+            raw_length, kind = parts[-1], ("warcinfo" if parts[0].startswith("filedesc:") else "response")
+        if raw_length is None or not raw_length.isdigit():
+            raise WarcError(f"{self.name}: record {number} has an invalid Content-Length {raw_length!r}")
+        self._block_left = self._declared = int(raw_length)
+        self._record = kind
+        self.stats.records = number
+        self.stats.by_type[kind] = self.stats.by_type.get(kind, 0) + 1
+
+    # -- the end
+
+    def finish(self) -> WarcStats:
+        if self._gzipped is None and self._first:  # a 1-byte file
+            self._gzipped = False
+            self._feed_records(self._first)
+        if self.stats.bytes == 0:
+            raise WarcError(f"{self.name}: empty file")
+        if self._inflate is not None:
+            raise WarcError(f"{self.name}: truncated: gzip member {self.stats.gzip_members + 1} ends before its trailer")
+        if self._block_left:
+            got = self._declared - self._block_left
+            raise WarcError(f"{self.name}: truncated: record {self.stats.records} ({self._record}) has {got} "
+                            f"of its {self._declared} bytes")
+        if self._header.strip():
+            raise WarcError(f"{self.name}: not a valid WARC (after {self.stats.records} records): "
+                            "the file ends inside a record header")
+        if self.stats.records == 0:
+            raise WarcError(f"{self.name}: not a WARC file: no WARC records found")
+        self.stats.sha256 = self._sha.hexdigest()
+        return self.stats
 
 
 def verify_warc(open_file, name: str) -> WarcStats:
-    """Check a whole WARC (plain or per-record gzip); return its sha256, size and record
-    counts by type. `open_file()` returns a fresh binary file object (it is read twice)."""
-    stats = WarcStats()
-    with open_file() as raw:
-        hashing = _Hashing(raw)
-        head = hashing.read(2)
-        gzipped = head == GZIP_MAGIC
-        if gzipped:
-            rest = _Prefixed(head, hashing)
-            stats.gzip_members = _check_gzip(rest, name)
-        else:
-            while hashing.read(1 << 20):
-                pass
-        stats.sha256, stats.bytes = hashing.h.hexdigest(), hashing.n
-    if stats.bytes == 0:
-        raise WarcError(f"{name}: empty file")
-    with open_file() as raw:
-        try:
-            it = ArchiveIterator(raw, no_record_parse=True, check_digests=False)
-            for rec in it:
-                raw_length = rec.rec_headers.get_header("Content-Length") if rec.format != "arc" else "0"
-                if raw_length is None or not raw_length.strip().isdigit():
-                    raise WarcError(f"{name}: record {stats.records + 1} has an invalid Content-Length "
-                                    f"{raw_length!r}")
-                declared = rec.length
-                got = 0
-                while chunk := rec.raw_stream.read(1 << 20):
-                    got += len(chunk)
-                if declared is not None and got != declared:
-                    raise WarcError(f"{name}: truncated: record {stats.records + 1} "
-                                    f"({rec.rec_type}) has {got} of its {declared} bytes")
-                stats.records += 1
-                stats.by_type[rec.rec_type] = stats.by_type.get(rec.rec_type, 0) + 1
-        except ArchiveLoadFailed as e:
-            first = " ".join(str(e).split())[:160]
-            raise WarcError(f"{name}: not a valid WARC (after {stats.records} records): {first}") from None
-        except (zlib.error, EOFError, ValueError) as e:
-            raise WarcError(f"{name}: unreadable after {stats.records} records: {e}") from None
-    if stats.records == 0:
-        raise WarcError(f"{name}: not a WARC file: no WARC records found")
-    return stats
-
-
-class _Prefixed:
-    def __init__(self, prefix: bytes, f):
-        self.prefix, self.f = prefix, f
-
-    def read(self, size: int = -1) -> bytes:
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            return data
-        return self.f.read(size)
+    """Check a whole WARC file in one read (see `WarcChecker`); return its sha256, size and
+    record counts by type. `open_file()` returns a binary file object."""
+    checker = WarcChecker(name)
+    with open_file() as f:
+        while chunk := f.read(1 << 20):
+            checker.feed(chunk)
+    return checker.finish()
 
 
 class _Tee:

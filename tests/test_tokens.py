@@ -16,6 +16,7 @@ from tasks.download import DownloadParams, download
 from tasks.filter import FilterParams, filter_documents
 from tasks.ingest import IngestParams, ingest_files
 from tasks.lake import Lake
+import tasks.shard as shard_module
 from tasks.shard import ShardParams, shard_documents
 from tasks.tokenizer import (SPECIAL_TOKENS, TokenizerError, TokenizerParams, iter_documents, load,
                              tokenizer_path, train_tokenizer)
@@ -90,7 +91,7 @@ def test_shard_counts_add_up_and_every_document_is_there_once(corpus):
     assert sh.metrics["val_documents"] >= 1 and len(meta["splits"]["train"]["files"]) >= 2
 
 
-def test_tokenizer_and_shard_are_deterministic(corpus, tmp_path):
+def test_tokenizer_and_shard_are_deterministic(corpus, tmp_path, monkeypatch):
     """Same inputs, same parameters: the same files, byte for byte, trained again elsewhere."""
     lake, sh, tok = corpus["lake"], corpus["shard"], corpus["tokenizer"]
     again = Lake(str(tmp_path / "again"))
@@ -100,9 +101,15 @@ def test_tokenizer_and_shard_are_deterministic(corpus, tmp_path):
                                                   vocab_size=4096), log=lambda m: None)
     assert tok2.version == tok.version
     assert {f["path"]: f["sha256"] for f in tok2.files} == {f["path"]: f["sha256"] for f in tok.files}
+    # one process here, two (the default) in the fixture: the same shards, byte for byte, also when
+    # the documents come in many batches, spread over the processes
+    monkeypatch.setattr(shard_module, "BATCH_DOCUMENTS", 7)
     sh2 = shard_documents(again, ShardParams(input="dedup", tokenizer="tokenizer", val_fraction=0.2,
-                                             shard_tokens=8000, row_group_tokens=2000), log=lambda m: None)
+                                             shard_tokens=8000, row_group_tokens=2000, threads=1), log=lambda m: None)
     assert {f["path"]: f["sha256"] for f in sh2.files} == {f["path"]: f["sha256"] for f in sh.files}
+    sh3 = shard_documents(again, ShardParams(input="dedup", tokenizer="tokenizer", val_fraction=0.2, rebuild=True,
+                                             shard_tokens=8000, row_group_tokens=2000, threads=3), log=lambda m: None)
+    assert {f["path"]: f["sha256"] for f in sh3.files} == {f["path"]: f["sha256"] for f in sh.files}
 
 
 def test_reader_resumes_exactly_and_ranks_are_disjoint(corpus):
