@@ -24,6 +24,18 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, setup: Callable[[
     return statistics.median(times)
 
 
+def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
+    """Median wall seconds of each function, run in turn (ours, peer, ours, peer, ...) so that a
+    noisy stretch of the machine falls on all of them."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
 

@@ -10,8 +10,6 @@ so a damaged file is refused as soon as its damage arrives and no file is read t
 
 from __future__ import annotations
 
-import contextlib
-import email.utils
 import gzip
 import hashlib
 import json
@@ -199,14 +197,17 @@ class _Retryable(Exception):
 
 
 def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header's seconds (a number or an HTTP date), by urllib3's own parser;
+    None when absent or unreadable."""
+    from urllib3.exceptions import InvalidHeader
+    from urllib3.util.retry import Retry
+
     if not value:
         return None
-    with contextlib.suppress(ValueError):
-        return max(0.0, float(value))
-    with contextlib.suppress(TypeError, ValueError):
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    return None
+    try:
+        return float(Retry.parse_retry_after(Retry(), value))
+    except InvalidHeader:
+        return None
 
 
 def backoff(attempt: int, retry_after: float | None, base: float = 0.5, cap: float = 30.0) -> float:

@@ -6,8 +6,9 @@ Streaming in two passes, so memory stays flat as the corpus grows:
    buckets by a seeded hash (the shuffle);
 2. each bucket (about one shard of tokens) is read back, ordered by its shuffle key and
    written as a zstd Parquet shard.
-Both passes run on `threads` processes (one per core): a batch is tokenised, and a bucket
-sorted and compressed, by a worker; the stage process writes their results in input order, so
+Both passes run on `threads` processes (one per core): a row group of the input is read and
+tokenised, and a bucket sorted and compressed, by a worker; the stage process writes their
+results in input order, so
 the shards are the same bytes whatever the number of processes (threads of sentencepiece alone
 left most of the work, Python's and Arrow's, on one core).
 """
@@ -29,7 +30,7 @@ from pydantic import Field
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
 from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
-from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, iter_documents, load, tokenizer_path
+from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, load, tokenizer_path
 
 CODE_VERSION = "shard/2"  # 2: at least one validation document whenever there can be one
 
@@ -50,7 +51,7 @@ class ShardParams(StageParams):
         return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "threads"})
 
 
-BATCH_DOCUMENTS = 512  # documents tokenised per batch: a unit of work of pass 1
+MIN_DOCUMENTS_FOR_WORKERS = 1000  # fewer: one process (workers cost about a second to start)
 
 
 def _unit(key: str) -> float:
@@ -70,11 +71,24 @@ def _schema(dtype) -> pa.Schema:
     return pa.schema([("key", pa.float64()), ("id", pa.string()), ("tokens", pa.list_(dtype))])
 
 
-def tokenise_batch(model_path: str, batch: list[dict], bos: int, dtype_name: str, val_fraction: float,
+_LAKES: dict = {}
+
+
+def _documents(lake_url: str, kind: str, version: str, path: str, row_group: int) -> list[dict]:
+    """One row group of a filter/dedup version's Parquet file: its documents' id and text."""
+    from tasks.lake import Lake
+
+    lake = _LAKES.get(lake_url) or _LAKES.setdefault(lake_url, Lake(lake_url))
+    with lake.fs.open(lake.path(kind, version, path), "rb") as fh:
+        return pq.ParquetFile(fh).read_row_group(row_group, columns=["id", "text"]).to_pylist()
+
+
+def tokenise_batch(source: tuple, model_path: str, bos: int, dtype_name: str, val_fraction: float,
                    seed: int, buckets: dict[str, int]) -> tuple[dict[tuple[str, int], pa.Table], tuple[float, str]]:
-    """Pass 1 on one batch: each document's tokens (BOS first), its split and shuffle key, as one
-    table per (split, bucket); and the (validation hash, id) of the batch's document likeliest to
-    go to validation."""
+    """Pass 1 on one row group of the input (`source`: `_documents`' arguments; the worker reads it
+    itself): each document's tokens (BOS first), its split and shuffle key, as one table per
+    (split, bucket); and the (validation hash, id) of its document likeliest to go to validation."""
+    batch = _documents(*source)
     dtype = pa.uint16() if dtype_name == "uint16" else pa.uint32()
     ids = _model(model_path).encode([d["text"] for d in batch], num_threads=1)  # one core per process
     rows: dict[tuple[str, int], list] = {}
@@ -163,23 +177,22 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
         dtype_name = "uint16" if dtype == pa.uint16() else "uint32"
         # worker processes only when there is more than one batch to share (their start-up costs
         # about a second); the bytes are the same either way
-        processes = params.threads if source.metrics["documents"] > BATCH_DOCUMENTS else 1
+        processes = params.threads if source.metrics["documents"] > MIN_DOCUMENTS_FOR_WORKERS else 1
         with tempfile.TemporaryDirectory() as tmp, _InOrder(processes) as workers:
             writers: dict[tuple[str, int], pq.ParquetWriter] = {}
             docs = {"train": 0, "val": 0}
             first = (2.0, "")  # (val hash, id) of the document likeliest to go to validation
 
-            def batches():
-                batch: list[dict] = []
-                for doc in iter_documents(lake, source):
-                    batch.append(doc)
-                    if len(batch) >= BATCH_DOCUMENTS:
-                        yield (model_path, batch, special[BOS], dtype_name, params.val_fraction, params.seed, buckets)
-                        batch = []
-                if batch:
-                    yield (model_path, batch, special[BOS], dtype_name, params.val_fraction, params.seed, buckets)
+            def row_groups():  # the units of pass 1; each worker reads its own
+                for path in sorted(f["path"] for f in source.files
+                                   if f["path"].startswith("data/") and f["path"].endswith(".parquet")):
+                    with lake.open(source, path) as fh:
+                        groups = pq.ParquetFile(fh).num_row_groups
+                    for g in range(groups):
+                        yield ((lake.url, source.kind, source.version, path, g), model_path, special[BOS],
+                               dtype_name, params.val_fraction, params.seed, buckets)
 
-            for tables, batch_first in workers.map(tokenise_batch, batches()):
+            for tables, batch_first in workers.map(tokenise_batch, row_groups()):
                 first = min(first, batch_first)
                 for (split, b), table in tables.items():
                     if (split, b) not in writers:

@@ -101,9 +101,9 @@ def test_tokenizer_and_shard_are_deterministic(corpus, tmp_path, monkeypatch):
                                                   vocab_size=4096), log=lambda m: None)
     assert tok2.version == tok.version
     assert {f["path"]: f["sha256"] for f in tok2.files} == {f["path"]: f["sha256"] for f in tok.files}
-    # one process here, two (the default) in the fixture: the same shards, byte for byte, also when
-    # the documents come in many batches, spread over the processes
-    monkeypatch.setattr(shard_module, "BATCH_DOCUMENTS", 7)
+    # one process here, three below (worker processes even for this small corpus, its row groups
+    # spread over them): the same shards, byte for byte
+    monkeypatch.setattr(shard_module, "MIN_DOCUMENTS_FOR_WORKERS", 0)
     sh2 = shard_documents(again, ShardParams(input="dedup", tokenizer="tokenizer", val_fraction=0.2,
                                              shard_tokens=8000, row_group_tokens=2000, threads=1), log=lambda m: None)
     assert {f["path"]: f["sha256"] for f in sh2.files} == {f["path"]: f["sha256"] for f in sh.files}
