@@ -71,22 +71,24 @@ def _schema(dtype) -> pa.Schema:
     return pa.schema([("key", pa.float64()), ("id", pa.string()), ("tokens", pa.list_(dtype))])
 
 
-_LAKES: dict = {}
+_FS = None  # the lake's filesystem in this process (a worker gets it pickled, credentials and all)
 
 
-def _documents(lake_url: str, kind: str, version: str, path: str, row_group: int) -> list[dict]:
+def _use_fs(fs) -> None:
+    global _FS
+    _FS = fs
+
+
+def _documents(path: str, row_group: int) -> list[dict]:
     """One row group of a filter/dedup version's Parquet file: its documents' id and text."""
-    from tasks.lake import Lake
-
-    lake = _LAKES.get(lake_url) or _LAKES.setdefault(lake_url, Lake(lake_url))
-    with lake.fs.open(lake.path(kind, version, path), "rb") as fh:
+    with _FS.open(path, "rb") as fh:
         return pq.ParquetFile(fh).read_row_group(row_group, columns=["id", "text"]).to_pylist()
 
 
 def tokenise_batch(source: tuple, model_path: str, bos: int, dtype_name: str, val_fraction: float,
                    seed: int, buckets: dict[str, int]) -> tuple[dict[tuple[str, int], pa.Table], tuple[float, str]]:
-    """Pass 1 on one row group of the input (`source`: `_documents`' arguments; the worker reads it
-    itself): each document's tokens (BOS first), its split and shuffle key, as one table per
+    """Pass 1 on one row group of the input (`source`: (path, row group) in the lake's filesystem;
+    the worker reads it itself): each document's tokens (BOS first), its split and shuffle key, as one table per
     (split, bucket); and the (validation hash, id) of its document likeliest to go to validation."""
     batch = _documents(*source)
     dtype = pa.uint16() if dtype_name == "uint16" else pa.uint32()
@@ -122,10 +124,11 @@ def write_shard(bucket_path: str, out: str, row_group_tokens: int) -> tuple[int,
 
 
 class _InOrder:
-    """Runs calls on `processes` worker processes (in this one when 1) and yields their results in
-    the order of the calls, holding at most two calls per process in flight."""
+    """Runs calls on `processes` worker processes (in this one when 1), each set up by
+    `initializer(*initargs)`, and yields their results in the order of the calls, holding at most
+    two calls per process in flight."""
 
-    def __init__(self, processes: int):
+    def __init__(self, processes: int, initializer, initargs: tuple):
         self.processes, self.pool = processes, None
         if processes > 1:
             import multiprocessing
@@ -133,7 +136,9 @@ class _InOrder:
 
             ctx = multiprocessing.get_context("forkserver")  # the stage may run in a thread: no fork
             ctx.set_forkserver_preload([__name__])
-            self.pool = ProcessPoolExecutor(processes, mp_context=ctx)
+            self.pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=initializer, initargs=initargs)
+        else:
+            initializer(*initargs)
 
     def map(self, fn, calls):
         if self.pool is None:
@@ -178,7 +183,7 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
         # worker processes only when there is more than one batch to share (their start-up costs
         # about a second); the bytes are the same either way
         processes = params.threads if source.metrics["documents"] > MIN_DOCUMENTS_FOR_WORKERS else 1
-        with tempfile.TemporaryDirectory() as tmp, _InOrder(processes) as workers:
+        with tempfile.TemporaryDirectory() as tmp, _InOrder(processes, _use_fs, (lake.fs,)) as workers:
             writers: dict[tuple[str, int], pq.ParquetWriter] = {}
             docs = {"train": 0, "val": 0}
             first = (2.0, "")  # (val hash, id) of the document likeliest to go to validation
@@ -189,7 +194,7 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
                     with lake.open(source, path) as fh:
                         groups = pq.ParquetFile(fh).num_row_groups
                     for g in range(groups):
-                        yield ((lake.url, source.kind, source.version, path, g), model_path, special[BOS],
+                        yield ((lake.path(source.kind, source.version, path), g), model_path, special[BOS],
                                dtype_name, params.val_fraction, params.seed, buckets)
 
             for tables, batch_first in workers.map(tokenise_batch, row_groups()):
