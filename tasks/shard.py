@@ -8,13 +8,13 @@ Streaming in two passes, so memory stays flat as the corpus grows:
    written as a zstd Parquet shard.
 Both passes run on `threads` processes (one per core): a row group of the input is read and
 tokenised, and a bucket sorted and compressed, by a worker; the stage process writes their
-results in input order, so
-the shards are the same bytes whatever the number of processes (threads of sentencepiece alone
-left most of the work, Python's and Arrow's, on one core).
+results in input order, so the shards are the same bytes whatever the number of processes
+(threads of sentencepiece alone left most of the work, Python's and Arrow's, on one core).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -58,13 +58,7 @@ def _unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") / 2**64
 
 
-_MODELS: dict = {}
-
-
-def _model(path: str):
-    if path not in _MODELS:
-        _MODELS[path] = load(path)
-    return _MODELS[path]
+_model = functools.cache(load)  # a worker loads the tokenizer once
 
 
 def _schema(dtype) -> pa.Schema:
