@@ -261,7 +261,19 @@ class Lake:
         """Create ``path`` only if it does not exist; True if we created it."""
         body = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
         with self._io(f"creating {path}"):
-            try:  # O_EXCL on a local disk, a conditional PUT (If-None-Match: *) on S3
+            if self.is_local:
+                # O_EXCL then write would let a reader see the file empty: write it aside, then
+                # hard-link it into place (atomic, and fails if the name exists)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                self.fs.pipe_file(tmp, body)
+                try:
+                    os.link(tmp, path)
+                    return True
+                except FileExistsError:
+                    return False
+                finally:
+                    os.remove(tmp)
+            try:  # a conditional PUT (If-None-Match: *) on S3: atomic
                 with self.fs.open(path, "xb") as f:
                     f.write(body)
                 return True
