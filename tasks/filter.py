@@ -95,12 +95,11 @@ class FilterParams(StageParams):
     @field_validator("languages")
     @classmethod
     def _iso(cls, v: list[str]) -> list[str]:
-        from tasks.steps import lid_languages
+        from tasks.lid import LANGUAGES
 
-        known = lid_languages()
-        bad = [x for x in v if x not in known]
+        bad = [x for x in v if x not in LANGUAGES]
         if bad:
-            raise ValueError(f"unknown language code {bad[0]!r} (fastText lid.176 knows {len(known)} ISO 639 codes)")
+            raise ValueError(f"unknown language code {bad[0]!r} (fastText lid.176 knows {len(LANGUAGES)} ISO 639 codes)")
         return sorted(set(v))
 
     def recipe(self) -> dict:

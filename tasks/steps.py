@@ -5,7 +5,7 @@
   counted, never fatal.
 - `Extract`: trafilatura or resiliparse, deterministic: no wall-clock timeout and no
   cross-document state, so a rerun or a resume gives the same documents.
-- `LanguageId`: fastText `lid.176` (FineWeb's model), its compressed form shipped in tasks/assets.
+- `LanguageId`: fastText `lid.176` (FineWeb's model, tasks/lid.py).
 - `CompactURLFilter`: datatrove's URLFilter with the 5M-domain blocklist held as a sorted array
   of 64-bit hashes (~40 MB) instead of a Python set (~825 MB), and tldextract kept offline.
 - `Meter`: counts documents and bytes passing a point: the funnel.
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import os
@@ -41,6 +40,7 @@ from multiprocess.connection import wait
 from multiprocess.pool import RemoteTraceback
 
 from common.process import how_it_ended
+from tasks.lid import top_language
 from tasks.stage import TaskDied
 
 MAX_HTML_BYTES = 4 << 20  # pages above this are counted and skipped: extraction time must stay bounded
@@ -316,29 +316,6 @@ class Extract(PipelineStep):
 
 
 # --------------------------------------------------------------------------- filters
-
-
-LID_MODEL = os.path.join(os.path.dirname(__file__), "assets", "lid.176.ftz")
-
-
-@functools.cache
-def lid_model():
-    """fastText's `lid.176` language identifier (compressed `.ftz`, shipped in tasks/assets), one
-    per process."""
-    from fasttext.FastText import _FastText  # not fasttext.load_model: it prints a warning
-
-    return _FastText(LID_MODEL)
-
-
-def lid_languages() -> frozenset[str]:
-    """The 176 ISO 639 codes `lid.176` names."""
-    return frozenset(label.removeprefix("__label__") for label in lid_model().get_labels())
-
-
-def top_language(text: str, max_chars: int = 20_000) -> tuple[str, float]:
-    """The most likely language of `text` (its first `max_chars`) and its probability."""
-    labels, probs = lid_model().predict(text[:max_chars].replace("\n", " "), k=1)
-    return labels[0].removeprefix("__label__"), min(float(probs[0]), 1.0)
 
 
 class LanguageId(BaseFilter):

@@ -298,6 +298,16 @@ def demo_mirror(tmp_path_factory) -> Path:
     return run_once("mirror", tmp_path_factory, make)
 
 
+@pytest.fixture(scope="session")
+def curated_corpus(shared_data, tmp_path_factory) -> dict:
+    """download -> filter -> dedup of every real WARC plus planted duplicates, once for the run
+    (tests/corpus.py): {"lake", "download", "filter", "dedup": refs, "planted"}. Tests may add
+    versions of other kinds to its lake, never of these three."""
+    from tests.corpus import make_curated
+
+    return run_once("curated", tmp_path_factory, lambda folder: make_curated(shared_data, folder))
+
+
 def run_pipeline(lake: str, mirror: Path, *extra: str, env: dict | None = None, cwd: Path | None = None,
                  unset: tuple[str, ...] = ()):
     # `run --preset demo` reads the mirror from ./demo-mirror: run where it is
@@ -317,18 +327,17 @@ def versions_and_hashes(lake: Lake) -> dict:
 @pytest.fixture(scope="session")
 def demo_local_run(demo_mirror, tmp_path_factory):
     """The demo pipeline on a local lake, once: the uninterrupted reference run that the tests of
-    the pipeline and the reliability tests compare with. (lake, CompletedProcess). It runs as a
-    user's `make demo` does, with the CLI's temporary Prefect server (no PREFECT_API_URL), and the
-    TCP sockets its processes listen on are watched meanwhile: `.listeners` of the
-    CompletedProcess, for tests/reliability/test_listeners.py."""
+    the pipeline and the reliability tests compare with. (lake, CompletedProcess). The TCP
+    sockets its processes listen on are watched meanwhile: `.listeners` of the CompletedProcess,
+    for tests/reliability/test_listeners.py. It uses the session's Prefect server (the CLI's
+    temporary server is tested where a command starts one: test_process_faults, test_curation)."""
     from tests.listening import watch_listeners
 
     def make(work: Path):
         lake = str(work / "lake")
         cmd = [str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK]
         with open(work / "stdout", "w+") as out, open(work / "stderr", "w+") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=demo_mirror.parent,
-                                    env=temp_server_env())
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=demo_mirror.parent)
             try:
                 seen = watch_listeners(proc)
                 proc.wait(900)
@@ -370,6 +379,15 @@ def faults(proxy: str, **cfg):
 def pytest_sessionfinish(session, exitstatus):
     if WORKER is not None:
         return
+    if os.environ.get("C2M_CPU_LOG") and _server is not None:  # the session server's CPU too
+        from common.process import descendants
+
+        ticks = 0
+        for pid in [_server.pid, *descendants(_server.pid)]:
+            with contextlib.suppress(OSError):
+                ticks += sum(int(x) for x in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[11:15])
+        with open(os.environ["C2M_CPU_LOG"], "a") as f:
+            f.write(f"{ticks / os.sysconf('SC_CLK_TCK'):8.1f} {0:8.1f} the session's Prefect server\n")
     if _server is not None and _server.poll() is None:
         os.killpg(_server.pid, 15)
         try:
@@ -390,4 +408,4 @@ if os.environ.get("C2M_CPU_LOG"):  # C2M_CPU_LOG=FILE: each test's CPU seconds (
         t, c = time.time(), cpu()
         yield
         with open(os.environ["C2M_CPU_LOG"], "a") as f:
-            f.write(f"{cpu() - c:8.1f} {time.time() - t:8.1f} {item.nodeid}\n")
+            f.write(f"{cpu() - c:8.1f} {time.time() - t:8.1f} {t:.0f} {WORKER} {item.nodeid}\n")

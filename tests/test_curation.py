@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import re
 import subprocess
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from warcio.archiveiterator import ArchiveIterator
-from warcio.warcwriter import WARCWriter
 
-from tasks.dedup import DedupParams, dedup_documents
 from tasks.download import DownloadParams, download
 from tasks.filter import FilterError, FilterParams, filter_documents
 from tasks.lake import Lake
@@ -32,61 +28,14 @@ def rows(lake: Lake, m, prefix: str = "data/") -> list[dict]:
     return out
 
 
-def planted_warc(shared_data: Path, dest: Path) -> dict[str, str]:
-    """Copies of real pages under new URLs: one verbatim, one with a changed header and
-    footer. Returns {copy url: original url}."""
-    originals = {}
-    for name in ("wget-sample-0000.warc.gz", "wget-sample-0001.warc.gz"):
-        with open(shared_data / "warc" / name, "rb") as f:
-            for rec in ArchiveIterator(f):
-                if rec.rec_type == "response" and rec.rec_headers.get_header("WARC-Target-URI") in (
-                        "https://maria-antoniak.github.io/", "https://allenai.org/"):
-                    originals[rec.rec_headers.get_header("WARC-Target-URI")] = rec.content_stream().read()
-    assert len(originals) == 2
-    planted = {}
-    with open(dest, "wb") as out:
-        w = WARCWriter(out, gzip=True)
-        for i, (url, body) in enumerate(sorted(originals.items())):
-            html = body.decode("utf-8")
-            # a new first and last paragraph: they survive extraction, so the texts differ
-            changed = re.sub(r"(<body[^>]*>)", r"\1<p>Welcome to the mirror of this site, "
-                             r"updated every week by our volunteers.</p>", html, count=1)
-            changed = changed.replace("</body>", "<p>Copyright the mirror team. All rights "
-                                                 "reserved. Contact us for permissions.</p></body>")
-            for kind, page in (("verbatim", html), ("changed", changed)):
-                copy = f"https://mirror-{kind}-{i}.example.org/"
-                planted[copy] = url
-                from warcio.statusandheaders import StatusAndHeaders
-
-                data = page.encode("utf-8")
-                http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")],
-                                        protocol="HTTP/1.1")
-                w.write_record(w.create_warc_record(copy, "response", payload=io.BytesIO(data),
-                                                    http_headers=http))
-    return planted
 
 
 @pytest.fixture(scope="module")
-def curated(shared_data, tmp_path_factory, request):
-    """download -> filter -> dedup once on all real WARCs plus the planted duplicates. When
-    test_filter_and_dedup_under_unshare_loopback_only is selected, its offline command (the same
-    download version in a lake of its own, filter and dedup by the CLI under `unshare -n`) is
-    started here, once the download is in, and runs beside the in-process filter and dedup: both
-    are mostly one process on one core. That test waits for it."""
-    work = tmp_path_factory.mktemp("curation")
-    planted = planted_warc(shared_data, work / "zz-planted.warc.gz")
-    lake = Lake(str(work / "lake"))
-    files = sorted(str(p) for p in (shared_data / "warc").iterdir()) + [str(work / "zz-planted.warc.gz")]
-    dl = download(lake, DownloadParams(files=files))
-    offline = None
-    if _netns_available() and any(i.originalname == "test_filter_and_dedup_under_unshare_loopback_only"
-                                  for i in request.session.items):
-        offline = start_offline_run(lake, dl, tmp_path_factory.mktemp("offline"))
-        request.addfinalizer(lambda: offline["proc"].poll() is None and offline["proc"].kill())
-    flt = filter_documents(lake, FilterParams(input=dl.ref, tasks=1, workers=1), log=lambda m: None)
-    dd = dedup_documents(lake, DedupParams(input=flt.ref, tasks=1, workers=1), log=lambda m: None)
-    return {"lake": lake, "download": dl, "filter": flt, "dedup": dd, "planted": planted, "work": work,
-            "offline": offline}
+def curated(curated_corpus) -> dict:
+    """conftest's `curated_corpus` (made once for the run), its versions resolved."""
+    lake = Lake(curated_corpus["lake"])
+    return {"lake": lake, "planted": curated_corpus["planted"],
+            **{kind: lake.resolve(curated_corpus[kind]) for kind in ("download", "filter", "dedup")}}
 
 
 def test_filter_funnel_on_real_warcs(curated):
@@ -140,8 +89,11 @@ def test_dedup_removes_planted_duplicates_and_keeps_originals(curated):
 def test_language_id_accuracy_per_language(shared_data):
     from datatrove.data import Document
 
+    from tasks.lid import LANGUAGES, lid_model
     from tasks.steps import LanguageId
 
+    # the codes a `languages` parameter is validated against, without loading the model
+    assert list(LANGUAGES) == [label.removeprefix("__label__") for label in lid_model().get_labels()]
     step = LanguageId(["en"])
     for path in sorted((shared_data / "langid").glob("*.txt")):
         lang = path.stem
@@ -212,7 +164,8 @@ def test_word_splitter_is_datatrove_spacy_token_for_token(shared_data):
 def test_prescreen_drops_other_languages_and_repeated_phrases_before_extraction(shared_data):
     from datatrove.data import Document
 
-    from tasks.steps import Extract, Prescreen, WarcHtmlReader, top_language
+    from tasks.lid import top_language
+    from tasks.steps import Extract, Prescreen, WarcHtmlReader
     from tasks.words import SpacyEnglishSplitter
 
     pages = {}
@@ -282,12 +235,11 @@ def _netns_available() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
-def start_offline_run(src: Lake, dl, tmp_path: Path) -> dict:
-    """`stage filter` and `stage dedup` by the CLI under `unshare -n` (loopback only) on a copy of
-    the download version `dl` of `src`, in a fresh lake; started, not waited for."""
-    lake = tmp_path / "lake"
-    Lake(str(lake))
-    # the same download version, copied into a fresh lake
+@pytest.mark.skipif(not _netns_available(), reason="unshare -n needs user namespaces or root")
+def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
+    """`stage filter` and `stage dedup` by the CLI under `unshare -n` (loopback only), on a copy of
+    the curated download version in a fresh lake: the same documents come out."""
+    src, dl, lake = curated["lake"], curated["download"], tmp_path / "lake"
     with Lake(str(lake)).produce("download", dl.params, [], "download/1") as p:
         for f in dl.files:
             with src.open(dl, f["path"]) as fh, p.open(f["path"]) as out:
@@ -300,24 +252,10 @@ def start_offline_run(src: Lake, dl, tmp_path: Path) -> dict:
     # temporary server is what this test is about
     env = {k: v for k, v in temp_server_env().items()
            if not k.startswith(("HF_", "HTTP", "http")) and k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
-    # output to files: nobody reads a pipe while the in-process run goes on
-    proc = subprocess.Popen(["unshare", "-n", "bash", "-c", cmd], stdout=open(tmp_path / "stdout", "w"),
-                            stderr=open(tmp_path / "stderr", "w"),
-                            env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})
-    return {"proc": proc, "lake": lake, "out": tmp_path}
-
-
-@pytest.mark.skipif(not _netns_available(), reason="unshare -n needs user namespaces or root")
-def test_filter_and_dedup_under_unshare_loopback_only(curated):
-    offline = curated["offline"]  # started by the `curated` fixture, beside its own run
-    try:
-        offline["proc"].wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        offline["proc"].kill()
-        raise
-    stdout, stderr = ((offline["out"] / name).read_text() for name in ("stdout", "stderr"))
-    assert offline["proc"].returncode == 0, stderr[-3000:]
+    r = subprocess.run(["unshare", "-n", "bash", "-c", cmd], capture_output=True, text=True, timeout=600,
+                       env={**env, "PREFECT_HOME": str(tmp_path / "ph"), "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr[-3000:]
     for attempt in ("telemetry", "Name or service not known", "Network is unreachable"):
-        assert attempt not in stdout + stderr, attempt
-    out = Lake(str(offline["lake"]))
+        assert attempt not in r.stdout + r.stderr, attempt
+    out = Lake(str(lake))
     assert out.resolve("dedup").metrics["documents"] == curated["dedup"].metrics["documents"]

@@ -11,9 +11,6 @@ import pytest
 import sentencepiece as spm
 
 from model.data import ShardLoader, shard_files
-from tasks.dedup import DedupParams, dedup_documents
-from tasks.download import DownloadParams, download
-from tasks.filter import FilterParams, filter_documents
 from tasks.ingest import IngestParams, ingest_files
 from tasks.lake import Lake
 import tasks.shard as shard_module
@@ -26,11 +23,11 @@ EXTRA = ["tinyshakespeare.txt", "project_gutenberg_pride_and_prejudice.txt", "bo
 
 
 @pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory):
+def corpus(curated_corpus, shared_data, tmp_path_factory):
+    """The curated corpus's dedup version (made once for the run: conftest), copied with its
+    lineage into a lake of this module's own, plus real texts; a tokenizer and shards of both."""
     lake = Lake(str(tmp_path_factory.mktemp("tokens") / "lake"))
-    dl = download(lake, DownloadParams(files=sorted(str(p) for p in (shared_data / "warc").iterdir())))
-    flt = filter_documents(lake, FilterParams(input=dl.ref, tasks=2, workers=2), log=lambda m: None)
-    dd = dedup_documents(lake, DedupParams(input=flt.ref, tasks=2, workers=2), log=lambda m: None)
+    dd = lake.resolve(copy_version(Lake(curated_corpus["lake"]), lake, curated_corpus["dedup"]))
     extra = ingest_files(lake, IngestParams(files=[str(shared_data / "text" / n) for n in EXTRA]))
     tok = train_tokenizer(lake, TokenizerParams(input=dd.ref, extra=[extra.ref], vocab_size=4096),
                           log=lambda m: None)
@@ -189,9 +186,9 @@ def dedup_version(lake: Lake, rows: list[dict], name: str):
 @pytest.fixture(scope="module")
 def small(corpus, shared_data, tmp_path_factory):
     """The documents that the five WARCs (*.warc.gz) of shared/data/warc give after filter +
-    dedup: 30. The `corpus` fixture ran the real stages on those five plus three more files;
-    filtering is per document, so its dedup output restricted to the five files' records is the
-    same 30 documents (checked against the stages run on the five alone), at no extra cost; in
+    dedup: 30. The curated corpus ran the real stages on those five plus three more files and
+    planted copies; filtering is per document, so its dedup output restricted to the five files'
+    records is the same 30 documents (checked against the stages run on the five alone), at no extra cost; in
     a lake of its own, so its tokenizers and shards do not mix with the corpus's."""
     ids = warc_record_ids(sorted((shared_data / "warc").glob("*.warc.gz")))
     rows = [d for d in iter_documents(corpus["lake"], corpus["dedup"]) if d["id"] in ids]

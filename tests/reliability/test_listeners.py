@@ -1,9 +1,10 @@
-"""Every server a stage starts listens on loopback: the CLI's temporary Prefect server, gloo's
-sockets between the training ranks; watched while the reference demo pipeline ran (all six
-stages, training on 2 ranks included, with the CLI's temporary Prefect server: conftest's
-`demo_local_run`), so no pipeline or training is run again for this. One known exception, asserted so that it is noticed when it
-changes: torchrun's TCPStore (the rendezvous key-value store, process name `pt_elastic`) listens
-on all interfaces and torch 2.13 has no option to bind it elsewhere (docs/RELIABILITY.md)."""
+"""Every server a training stage starts listens on loopback: gloo's sockets between the ranks;
+watched while the reference demo pipeline ran (all six stages, training on 2 ranks included:
+conftest's `demo_local_run`), so no pipeline or training is run again for this. The CLI's
+temporary Prefect server is checked where a stage runs with one (test_process_faults' killed
+datatrove task). One known exception, asserted so that it is noticed when it changes: torchrun's
+TCPStore (the rendezvous key-value store, process name `pt_elastic`) listens on all interfaces and
+torch 2.13 has no option to bind it elsewhere (docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,6 @@ def test_a_training_stage_listens_on_loopback_only(demo_local_run):
     loopback = {(a, n) for a, n in seen if a.startswith(("127.0.0.1:", "[::1]:"))}
     exposed = seen - loopback
     names = {n for _, n in loopback}
-    assert len(loopback) >= 3, seen  # the Prefect server and one gloo socket per rank at least
+    assert len(loopback) >= 2, seen  # one gloo socket per rank at least
     assert any(n.startswith("python") for n in names), seen
     assert {n for _, n in exposed} <= {TORCHRUN_STORE}, f"listening beyond loopback: {exposed}"

@@ -17,6 +17,7 @@ import pytest
 
 from tasks.lake import Lake, Manifest
 from tests.conftest import BIN, QUICK, STAGES, copy_version, temp_server_env
+from tests.listening import listeners
 
 SEED = int(os.environ.get("C2M_KILL_SEED", random.randrange(1 << 16)))
 
@@ -180,6 +181,8 @@ def test_a_killed_datatrove_task_fails_the_stage_and_a_killed_stage_takes_its_pr
     datatrove_worker(proc.pid, deadline)
     below = descendants(proc.pid)
     assert any(b"uvicorn" in Path(f"/proc/{p}/cmdline").read_bytes() for p in below if Path(f"/proc/{p}").exists())
+    served = [(addr, name) for addr, name, pid in listeners() if pid in below]  # the temporary server's
+    assert served and all(addr.startswith(("127.0.0.1:", "[::1]:")) for addr, _ in served), served
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     none_left(below, "(after SIGKILL of the stage's main process only)")
