@@ -134,23 +134,34 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
     first_error = None  # model.train prints "error: ..." on bad input; torchrun then adds noise
     in_root_cause = False  # inside torchrun's report of the first rank that failed
     root_cause: dict[str, str] = {}
+    held: list[str] = []  # what follows model.train's error line: torchrun's traceback and report
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail = (tail + [line])[-20:]
             if first_error is None and line.lstrip().startswith("error:"):
                 first_error = line.strip()
+                on_line(line)
+                continue
             if "Root Cause (first observed failure)" in line:
                 in_root_cause = True
             elif in_root_cause and (m := re.search(r"^\s*(rank|exitcode)\s*:\s*(-?\d+)", line)):
                 root_cause.setdefault(m[1], m[2])
-            on_line(line)
+            if first_error is None:
+                on_line(line)
+            else:
+                held.append(line)
         rc = proc.wait()
     except BaseException:
         _kill_group(proc)
         raise
     finally:
         timer.cancel()
+    if rc != 0 and first_error and root_cause.get("exitcode") == "2":  # model.train: 2 is bad input
+        # the ranks refused their input: its one line is the error, torchrun's traceback is noise
+        raise PretrainError(first_error.removeprefix("error:").strip(), bad_input=True)
+    for line in held:
+        on_line(line)
     if rc != 0:
         from common.process import how_it_ended
 
@@ -245,19 +256,9 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         out = prod.uri()  # a path or fsspec URL: checkpoints land in the version, so a rerun resumes
         tokenizer = lake.file_uri(source, "tokenizer.model")
         cmd = torchrun_command(params, data, out, tokenizer)
-        # a quick check of the inputs first: bad shapes and vocabularies fail before the launch
+        # every rank checks the inputs (shapes, vocabulary, resume state) before it builds the
+        # model: bad input ends the launch in seconds, with model.train's one line and exit 2
         env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
-        check = subprocess.run([sys.executable, "-m", "model.train", *train_argv(params, data, out, tokenizer),
-                                "--check"],
-                               capture_output=True, text=True,
-                               # the world size torchrun will give: a resume check compares like with like
-                               env={**os.environ, **env, "RANK": "0",
-                                    "WORLD_SIZE": str(params.nproc_per_node * params.nnodes)},
-                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if check.returncode != 0:
-            msg = (check.stderr.strip() or check.stdout.strip()).splitlines()
-            raise PretrainError(msg[-1].removeprefix("error: ") if msg else f"model.train --check failed ({check.returncode})",
-                                bad_input=check.returncode == 2)  # model.train: 2 is bad input
         log("launching: " + " ".join(cmd))
         progress = _Progress(params.max_steps, log)
         run_torchrun(cmd, params.timeout_s, progress, env=env)

@@ -237,15 +237,16 @@ def _netns_available() -> bool:
 
 @pytest.mark.skipif(not _netns_available(), reason="unshare -n needs user namespaces or root")
 def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
-    """`stage filter` and `stage dedup` by the CLI under `unshare -n` (loopback only), on a copy of
-    the curated download version in a fresh lake: the same documents come out."""
+    """Filter and dedup by the CLI under `unshare -n` (loopback only), on a copy of the curated
+    download version in a fresh lake: the same documents come out."""
     src, dl, lake = curated["lake"], curated["download"], tmp_path / "lake"
     with Lake(str(lake)).produce("download", dl.params, [], "download/1") as p:
         for f in dl.files:
             with src.open(dl, f["path"]) as fh, p.open(f["path"]) as out:
                 out.write(fh.read())
-    cmd = (f"ip link set lo up; {BIN}/crawl2model --lake {lake} stage filter --tasks 2 && "
-           f"{BIN}/crawl2model --lake {lake} stage dedup --tasks 2")
+    # one command (one temporary Prefect server): the pipeline from filter to dedup
+    cmd = (f"ip link set lo up; {BIN}/crawl2model --lake {lake} run --from filter --to dedup "
+           "--set filter.tasks=2 --set dedup.tasks=2")
     # a user's environment: not the suite's PREFECT_SERVER_ANALYTICS_ENABLED=false, which hid that
     # the CLI's temporary Prefect server tried to send telemetry on every command; and no
     # PREFECT_API_URL: the session's server is out of reach in the new network namespace, and the

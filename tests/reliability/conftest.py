@@ -55,7 +55,7 @@ def s3_pipelines(demo_mirror, s3_endpoint, fault_proxy) -> dict:
                                  *extra], cwd=demo_mirror.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
 
-    with faults(fault_proxy, rate=0.1, seed=1, stall_s=0.3) as counts:  # a stall: 0.3 s, then the reply
+    with faults(fault_proxy, rate=0.1, seed=1, stall_s=0.1) as counts:  # a stall: 0.1 s, then the reply
         runs = [start(), start(), start(*OTHER)]
         outs = [p.communicate(timeout=1200) for p in runs]
         injected = counts()

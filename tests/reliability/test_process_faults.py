@@ -211,7 +211,7 @@ def test_a_killed_training_rank_or_launcher_is_a_clear_error_and_takes_the_rest(
     proc = start_logged(cmd, demo_mirror.parent, tmp_path)
     deadline = time.time() + 180
     launcher = ranks = None
-    while not ranks:  # torchrun and its 2 ranks, training (the --check before launch is not one)
+    while not ranks:  # torchrun and its 2 ranks, training
         assert proc.poll() is None and time.time() < deadline, "training never started"
         for pid in descendants(proc.pid):
             try:
@@ -229,4 +229,24 @@ def test_a_killed_training_rank_or_launcher_is_a_clear_error_and_takes_the_rest(
     assert re.fullmatch(rf"error: training failed \(torchrun exit -?\d+\): {who} was killed by SIGKILL \(the "
                         r"out-of-memory killer\?\); checkpoints written so far are kept, rerun to resume", last), last
     none_left(below, f"(after SIGKILL of the {victim})")
+    assert lake.versions("pretrain") == []
+
+
+def test_bad_training_input_is_one_line_exit_2_and_leaves_nothing(demo_local_run, demo_mirror, tmp_path):
+    """Input the ranks refuse (a vocabulary smaller than the shards'): each rank checks before it
+    builds the model, so the launch ends in seconds with model.train's one line, exit 2 (bad
+    input), no traceback, nothing committed and no process left."""
+    _, _, lake, cmd = stage_alone(demo_local_run[0], "pretrain", tmp_path)
+    proc = start_logged([*cmd, "--set", "pretrain.vocab_size=64"], demo_mirror.parent, tmp_path)
+    below: dict[int, str] = {}
+    while proc.poll() is None:
+        below.update(descendants(proc.pid))
+        time.sleep(0.05)
+    err = (tmp_path / "stderr").read_text()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: model vocab_size 64 is smaller than the shards' vocab_size \d+ \(meta.json of .+\)",
+                        last), last
+    assert "Traceback" not in err
+    none_left(below, "(after bad input)")
     assert lake.versions("pretrain") == []
