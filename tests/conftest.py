@@ -133,7 +133,12 @@ def _start_prefect_server() -> subprocess.Popen | None:
     if _server is None and WORKER is None:
         SERVER_HOME.mkdir(parents=True, exist_ok=True)
         port = PREFECT_URL.rsplit(":", 1)[1]
-        env = {**os.environ, "PREFECT_HOME": str(SERVER_HOME)}
+        # the server's background services that no test uses, off: they poll the database every
+        # few seconds (late runs, schedules, ...) on the 2 cores the tests share
+        env = {**os.environ, "PREFECT_HOME": str(SERVER_HOME),
+               **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in (
+                   "CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "SCHEDULER", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+                   "CLEANUP_RECONCILER", "TRIGGERS")}}
         _server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
                                     "--analytics-off"], stdout=open(SERVER_HOME / "server.log", "wb"),
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=SERVER_HOME)
