@@ -4,6 +4,7 @@ back to the quiet default), and a UI update that fails never fails the work."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from tasks.report import Runtime
@@ -72,3 +73,24 @@ class PrefectRuntime(Runtime):
         from prefect.blocks.system import Secret
 
         return Secret.load(name).get()
+
+
+def end_flow_runs_without_waiting_for_heartbeats() -> None:
+    """Prefect 3.9.1's sync flow engine joins its heartbeat thread when a flow run ends, and that
+    thread sleeps in whole seconds: up to a second added to every flow run, 7 of them in a pipeline
+    (measured: 0.94 s of a 1.18 s cache-hit `download` flow). Its async engine does not join: the
+    thread is a daemon and stops itself within the second, having checked its stop event. The sync
+    engine is made to do the same; heartbeats are sent as before (test_prefect_wiring.py)."""
+    import prefect.flow_engine as engine
+
+    join = engine._send_heartbeats
+    if getattr(join, "without_join", False):
+        return
+
+    @contextlib.contextmanager
+    def send_heartbeats(run_engine, join_on_exit: bool = True):
+        with join(run_engine, join_on_exit=False):
+            yield
+
+    send_heartbeats.without_join = True
+    engine._send_heartbeats = send_heartbeats

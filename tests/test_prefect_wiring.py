@@ -66,3 +66,45 @@ def test_flows_refuse_bad_parameters_before_a_run_starts(prefect_harness, tmp_pa
         with pytest.raises(ParameterTypeError, match=field):
             flow(params=params, lake_url=lake_url)
     assert not (tmp_path / "lake").exists()
+
+
+def test_a_flow_run_sends_its_heartbeat_and_ends_without_waiting_for_it(prefect_harness):
+    """flows/runtime.py stops Prefect's sync engine from joining the heartbeat thread at the end of
+    each flow run (up to a second each): the heartbeat must still reach the server, and the thread
+    must still stop by itself."""
+    import json
+    import threading
+    import time
+    import urllib.request
+
+    import flows  # noqa: F401  (installs the change)
+    from prefect import flow
+
+    @flow(name="c2m-heartbeat-check")
+    def quick() -> str:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id)
+
+    def heartbeat_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate()
+                if any(getattr(a, "__name__", "") == "heartbeat_loop" for a in getattr(t, "_args", ()))]
+
+    run_id = quick()
+    beating = heartbeat_threads()  # not joined: still in its one-second sleep (stock Prefect waits for it)
+    assert beating, "the flow run waited for its heartbeat thread"
+    body = json.dumps({"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                                  "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 5}).encode()
+    deadline = time.time() + 60
+    while True:
+        req = urllib.request.Request(f"{prefect_harness['url']}/api/events/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            if json.load(r)["events"]:
+                break
+        assert time.time() < deadline, f"no heartbeat event of flow run {run_id}"
+        time.sleep(0.5)
+    for t in beating:
+        t.join(5)
+        assert not t.is_alive(), "the heartbeat thread did not stop by itself"
+    assert not heartbeat_threads()
