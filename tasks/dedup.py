@@ -20,7 +20,7 @@ from pydantic import Field
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
-from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
+from tasks.stage import StageParams, document_files, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "dedup/1"
 
@@ -85,7 +85,7 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
     from tasks.steps import Meter, RemovedSample, document_adapter
 
     source = resolve_inputs(lake, params)["input"]
-    inputs = [f["path"] for f in source.files if f["path"].startswith("data/") and f["path"].endswith(".parquet")]
+    inputs = document_files(source)
     if not inputs:
         raise DedupError(f"{source.ref} holds no documents")
 

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
-from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
+from tasks.stage import StageParams, document_files, input_ref, resolve_inputs, run_stage
 from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, load, tokenizer_path
 
 CODE_VERSION = "shard/2"  # 2: at least one validation document whenever there can be one
@@ -183,8 +183,7 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
             first = (2.0, "")  # (val hash, id) of the document likeliest to go to validation
 
             def row_groups():  # the units of pass 1; each worker reads its own
-                for path in sorted(f["path"] for f in source.files
-                                   if f["path"].startswith("data/") and f["path"].endswith(".parquet")):
+                for path in document_files(source):
                     with lake.open(source, path) as fh:
                         groups = pq.ParquetFile(fh).num_row_groups
                     for g in range(groups):

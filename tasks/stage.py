@@ -129,3 +129,9 @@ def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_versi
         log.info("%s: committed %d file(s)", m.ref, len(m.files))
     publish(lake, m, prod.cached)
     return m
+
+
+def document_files(m: Manifest) -> list[str]:
+    """The Parquet files of documents in a filter or dedup version, in order (its removed samples
+    and stats are not documents)."""
+    return sorted(f["path"] for f in m.files if f["path"].startswith("data/") and f["path"].endswith(".parquet"))

@@ -21,7 +21,7 @@ from pydantic import Field
 from tasks.errors import StageError
 from tasks.lake import Lake, LakeError, Manifest, Production
 from tasks.report import runtime
-from tasks.stage import StageParams, cache_dir, input_ref, resolve_inputs, run_stage
+from tasks.stage import StageParams, cache_dir, document_files, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "tokenizer/2"
 SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -63,7 +63,7 @@ def iter_documents(lake: Lake, m: Manifest, columns=("id", "text")) -> Iterator[
     """Stream the rows of a filter/dedup version's Parquet files, batch by batch."""
     import pyarrow.parquet as pq
 
-    for f in sorted(f["path"] for f in m.files if f["path"].startswith("data/") and f["path"].endswith(".parquet")):
+    for f in document_files(m):
         with lake.open(m, f) as fh:
             for batch in pq.ParquetFile(fh).iter_batches(columns=list(columns), batch_size=1024):
                 yield from batch.to_pylist()
