@@ -77,7 +77,7 @@ def test_a_flow_run_sends_its_heartbeat_and_ends_without_waiting_for_it(prefect_
     import time
     import urllib.request
 
-    import flows  # noqa: F401  (installs the change)
+    import flows.stages  # noqa: F401  (installs the change)
     from prefect import flow
 
     @flow(name="c2m-heartbeat-check")
