@@ -81,7 +81,7 @@ def end_flow_runs_without_waiting_for_heartbeats() -> None:
     (measured: 0.94 s of a 1.18 s cache-hit `download` flow). Its async engine does not join: the
     thread is a daemon and stops itself within the second, having checked its stop event. The sync
     engine is made to do the same; heartbeats are sent as before (test_prefect_wiring.py). Called
-where the stage flows are made (flows/stages.py), which every flow of ours imports."""
+    where the stage flows are made (flows/stages.py), which every flow of ours imports."""
     import prefect.flow_engine as engine
 
     join = engine._send_heartbeats
