@@ -71,28 +71,52 @@ def test_flows_refuse_bad_parameters_before_a_run_starts(prefect_harness, tmp_pa
 def test_a_flow_run_sends_its_heartbeat_and_ends_without_waiting_for_it(prefect_harness):
     """flows/runtime.py stops Prefect's sync engine from joining the heartbeat thread at the end of
     each flow run (up to a second each): the heartbeat must still reach the server, and the thread
-    must still stop by itself."""
+    must still stop by itself. Timing-free: the flow waits until its heartbeat was sent (a starved
+    thread that first runs after the run ended sends none), and joins are recorded, not inferred."""
     import json
     import threading
     import time
     import urllib.request
+    from unittest import mock
 
     import flows.stages  # noqa: F401  (installs the change)
     from prefect import flow
+    from prefect.flow_engine import FlowRunEngine
 
-    @flow(name="c2m-heartbeat-check")
-    def quick() -> str:
-        from prefect.runtime import flow_run
+    sent, release = threading.Event(), threading.Event()
+    emit = FlowRunEngine._emit_flow_run_heartbeat
 
-        return str(flow_run.id)
+    def emit_and_hold(self, *args, **kwargs):
+        emit(self, *args, **kwargs)
+        sent.set()
+        release.wait(30)  # the thread stays alive until the test has seen how the run ended
+
+    joined: list[threading.Thread] = []
+    join = threading.Thread.join
+
+    def record_join(thread, *args, **kwargs):
+        joined.append(thread)
+        return join(thread, *args, **kwargs)
 
     def heartbeat_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate()
                 if any(getattr(a, "__name__", "") == "heartbeat_loop" for a in getattr(t, "_args", ()))]
 
-    run_id = quick()
-    beating = heartbeat_threads()  # not joined: still in its one-second sleep (stock Prefect waits for it)
-    assert beating, "the flow run waited for its heartbeat thread"
+    @flow(name="c2m-heartbeat-check")
+    def quick() -> str:
+        from prefect.runtime import flow_run
+
+        assert sent.wait(60), "the heartbeat thread sent nothing"
+        return str(flow_run.id)
+
+    with mock.patch.object(FlowRunEngine, "_emit_flow_run_heartbeat", emit_and_hold), \
+            mock.patch.object(threading.Thread, "join", record_join):
+        try:
+            run_id = quick()
+            beating = heartbeat_threads()
+        finally:
+            release.set()
+    assert beating and not [t for t in joined if t in beating], "the flow run waited for its heartbeat thread"
     body = json.dumps({"filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
                                   "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 5}).encode()
     deadline = time.time() + 60
