@@ -285,7 +285,7 @@ def place_stock_lid_model() -> None:
     from fsspec.core import strip_protocol
     from huggingface_hub import cached_assets_path
 
-    from tasks.steps import LID_MODEL
+    from tasks.lid import LID_MODEL
 
     folder = cached_assets_path(library_name="datatrove", namespace="lid", subfolder=FT176LID.MODEL_SUBFOLDER)
     local = os.path.join(folder, strip_protocol(FT176LID.MODEL_URL).replace("/", "_"))

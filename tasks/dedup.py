@@ -91,9 +91,9 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
 
     def build(prod: Production) -> None:
         def folder(sub: str) -> DataFolder:
-            return DataFolder(prod.path(sub), fs=lake.fs)
+            return lake.data_folder(prod.path(sub))
 
-        src = DataFolder(lake.path(source.kind, source.version), fs=lake.fs)
+        src = lake.data_folder(lake.path(source.kind, source.version))
         tasks, workers = params.tasks, params.workers
         exact_cfg = ExactDedupConfig(content_getter=normalised_text, hash_config=HashConfig(precision=64))
         mh_cfg = MinhashConfig(n_grams=params.n_grams, num_buckets=params.num_buckets,

@@ -256,13 +256,13 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
 
     def build(prod: Production) -> None:
         def folder(sub: str) -> DataFolder:
-            return DataFolder(prod.path(sub), fs=lake.fs)
+            return lake.data_folder(prod.path(sub))
 
         with tempfile.TemporaryDirectory() as tmp:
             paths_file = os.path.join(tmp, "inputs.txt")
             with open(paths_file, "w") as f:
                 f.write("\n".join(paths) + "\n")
-            pipeline = build_pipeline(params, DataFolder(lake.path(source.kind, source.version), fs=lake.fs),
+            pipeline = build_pipeline(params, lake.data_folder(lake.path(source.kind, source.version)),
                                       paths_file, folder("data"), folder("removed"),
                                       source.params.get("crawl", "") or "")
             run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref)

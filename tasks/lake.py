@@ -218,6 +218,14 @@ class Lake:
         """A URL other tools (datatrove, pyarrow, torch loaders) can open."""
         return self.fs.unstrip_protocol(self.path(*parts)) if not self.is_local else self.path(*parts)
 
+    def data_folder(self, path: str):
+        """datatrove's view of a folder of the lake (`path` from `path()` or `Production.path()`).
+        An object store has no folders to make: datatrove's auto_mkdir would ask S3 whether the
+        bucket exists before every file it writes (278 of a demo pipeline's 1,892 requests)."""
+        from datatrove.io import DataFolder
+
+        return DataFolder(path, fs=self.fs, auto_mkdir=self.is_local)
+
     # -- low-level I/O with errors that name the lake ------------------------
     @contextlib.contextmanager
     def _io(self, what: str):
