@@ -6,8 +6,11 @@ tools (`gzip -t` and `sha256sum`, which inflate and hash every byte once), each 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,10 +18,29 @@ from benchmarks.common import alternating_medians, record
 from tasks.download import DownloadParams, download
 from tasks.lake import Lake
 from tasks.warc import verify_warc
-from tests.ccserver import CCServer, make_cc_layout
+from tests.ccserver import make_cc_layout
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "warc"
 COPIES = 24  # 24 x the 2.5 MB Heritrix WARC = 60 MB
+
+
+@contextlib.contextmanager
+def served(root: Path):
+    """The Common Crawl layout served over loopback by a process of its own, as a remote server
+    would be: in this process its threads would take turns with the download's for the GIL,
+    while curl's transfer (another process) would have them to itself."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tests.ccserver", str(root), str(port)],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    try:
+        if "serving" not in server.stdout.readline():
+            raise RuntimeError("the loopback server did not start")
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def run() -> None:
@@ -33,13 +55,13 @@ def run() -> None:
             copies.append(p)
         rels = make_cc_layout(work / "cc", copies, crawl="CC-MAIN-BENCH")
         mib = COPIES * src.stat().st_size / 2**20
-        with CCServer(work / "cc") as srv:
-            urls = [srv.url + r for r in rels]
+        with served(work / "cc") as base_url:
+            urls = [base_url + r for r in rels]
             counter = iter(range(10**6))
 
             def ours() -> None:  # a new lake each time: no cache hit
                 lake = Lake(str(work / f"lake-{next(counter)}"))
-                download(lake, DownloadParams(crawl="CC-MAIN-BENCH", base_url=srv.url,
+                download(lake, DownloadParams(crawl="CC-MAIN-BENCH", base_url=base_url,
                                               segments=COPIES, concurrency=4))
 
             def curl() -> None:

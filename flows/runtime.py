@@ -95,3 +95,42 @@ def end_flow_runs_without_waiting_for_heartbeats() -> None:
 
     send_heartbeats.without_join = True
     engine._send_heartbeats = send_heartbeats
+
+
+def ask_each_server_once_whether_it_uses_csrf_tokens() -> None:
+    """Prefect 3.9.1's HTTP client asks the server for a CSRF token before its first change
+    request, and learns that the server has CSRF protection off (Prefect's default: a 422) only
+    for itself: every new client asks again, two per flow run, 14 of a demo pipeline's 125 API
+    requests. The answer is kept per API URL for the whole process; a server with protection on
+    is asked as before (tokens, and their renewal, are per client)."""
+    from prefect.client import base
+
+    if getattr(base.PrefectHttpxSyncClient._add_csrf_headers, "remembers", False):
+        return
+    without: set[str] = set()  # base URLs of servers that said they have no CSRF protection
+
+    def sync_add(add):
+        def _add_csrf_headers(self, request):
+            url = str(self.base_url)
+            if url in without:
+                self.enable_csrf_support = False
+                return
+            add(self, request)
+            if not self.enable_csrf_support:
+                without.add(url)
+        _add_csrf_headers.remembers = True
+        return _add_csrf_headers
+
+    def async_add(add):
+        async def _add_csrf_headers(self, request):
+            url = str(self.base_url)
+            if url in without:
+                self.enable_csrf_support = False
+                return
+            await add(self, request)
+            if not self.enable_csrf_support:
+                without.add(url)
+        return _add_csrf_headers
+
+    base.PrefectHttpxSyncClient._add_csrf_headers = sync_add(base.PrefectHttpxSyncClient._add_csrf_headers)
+    base.PrefectHttpxAsyncClient._add_csrf_headers = async_add(base.PrefectHttpxAsyncClient._add_csrf_headers)

@@ -18,7 +18,8 @@ from prefect.logging import get_run_logger
 from prefect.states import Failed, State
 
 from common.process import is_storage_error, one_line
-from flows.runtime import end_flow_runs_without_waiting_for_heartbeats
+from flows.runtime import (ask_each_server_once_whether_it_uses_csrf_tokens,
+                           end_flow_runs_without_waiting_for_heartbeats)
 from tasks.errors import StageError
 from tasks.lake import Lake
 from tasks.registry import STAGES, Stage
@@ -71,6 +72,7 @@ def make_flow(stage: Stage) -> Flow:
 
 
 end_flow_runs_without_waiting_for_heartbeats()  # here, not in flows/__init__: a refused command imports no engine
+ask_each_server_once_whether_it_uses_csrf_tokens()
 FLOWS: dict[str, Flow] = {name: make_flow(s) for name, s in STAGES.items()}
 globals().update(FLOWS)  # entrypoints: flows/stages.py:download, flows/stages.py:filter, ...
 

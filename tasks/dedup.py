@@ -82,6 +82,7 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
     from datatrove.utils.hashing import HashConfig
 
     from tasks.filter import read_stats, run_datatrove
+    from tasks.progress import Progress
     from tasks.steps import Meter, RemovedSample, document_adapter
 
     source = resolve_inputs(lake, params)["input"]
@@ -104,7 +105,11 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
         def removed(name):
             return RemovedSample(folder("removed"), name, cap=cap, rate=1.0) if cap else None
 
-        with tempfile.TemporaryDirectory() as tmp:
+        # one bar for the stage's datatrove runs: tasks of each, in order
+        runs = ([tasks, 1, tasks] if params.exact else []) + \
+            ([tasks, params.num_buckets, 1, tasks] if params.minhash else [tasks])
+        with tempfile.TemporaryDirectory() as tmp, \
+                Progress(f"dedup {prod.ref}", files=sum(runs), unit="tasks") as progress:
             paths_file = os.path.join(tmp, "inputs.txt")
             with open(paths_file, "w") as f:
                 f.write("\n".join(inputs) + "\n")
@@ -112,15 +117,15 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
             if params.exact:
                 run_datatrove([_reader(current, current_paths), Meter("input"),
                                ExactDedupSignature(folder("_work/exact/sigs"), exact_cfg)],
-                              tasks, workers, folder("_work/logs/exact-1"))
+                              tasks, workers, folder("_work/logs/exact-1"), progress=progress)
                 run_datatrove([ExactFindDedups(folder("_work/exact/sigs"), folder("_work/exact/dups"), exact_cfg)],
-                              1, 1, folder("_work/logs/exact-2"))
+                              1, 1, folder("_work/logs/exact-2"), progress=progress)
                 run_datatrove([_reader(current, current_paths),
                                ExactDedupFilter(folder("_work/exact/dups"), exact_cfg, exclusion_writer=removed("exact")),
                                Meter("exact"),
                                ParquetWriter(folder("_work/exact/out"), output_filename="${rank}.parquet",
                                              adapter=document_adapter, compression="zstd")],
-                              tasks, workers, folder("_work/logs/exact-3"))
+                              tasks, workers, folder("_work/logs/exact-3"), progress=progress)
                 current = folder("_work/exact/out")
                 current_paths = None
             if params.minhash:
@@ -131,26 +136,26 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
                 run_datatrove([reader, *([] if params.exact else [Meter("input")]),
                                MinhashDedupSignature(folder("_work/minhash/sigs"), config=mh_cfg,
                                                      language=SpacyEnglishSplitter())],
-                              tasks, workers, folder("_work/logs/minhash-1"))
+                              tasks, workers, folder("_work/logs/minhash-1"), progress=progress)
                 run_datatrove([MinhashDedupBuckets(folder("_work/minhash/sigs"), folder("_work/minhash/buckets"),
                                                    config=mh_cfg)],
-                              params.num_buckets, workers, folder("_work/logs/minhash-2"))
+                              params.num_buckets, workers, folder("_work/logs/minhash-2"), progress=progress)
                 run_datatrove([MinhashDedupCluster(folder("_work/minhash/buckets"), folder("_work/minhash/clusters"),
                                                    config=mh_cfg, save_cluster_id=True, save_cluster_size=True)],
-                              1, 1, folder("_work/logs/minhash-3"))
+                              1, 1, folder("_work/logs/minhash-3"), progress=progress)
                 run_datatrove([reader,
                                MinhashDedupFilter(folder("_work/minhash/clusters"), exclusion_writer=removed("minhash"),
                                                   load_cluster_ids=True, load_cluster_sizes=True),
                                Meter("minhash"),
                                ParquetWriter(folder("data"), output_filename="${rank}.parquet",
                                              adapter=_dedup_adapter, compression="zstd")],
-                              tasks, workers, folder("_work/logs/minhash-4"))
+                              tasks, workers, folder("_work/logs/minhash-4"), progress=progress)
             else:
                 run_datatrove([_reader(current, current_paths),
                                *([] if params.exact else [Meter("input")]),
                                ParquetWriter(folder("data"), output_filename="${rank}.parquet",
                                              adapter=_dedup_adapter, compression="zstd")],
-                              tasks, workers, folder("_work/logs/copy"))
+                              tasks, workers, folder("_work/logs/copy"), progress=progress)
 
         funnel = []
         for sub in ("exact-1", "exact-3", "minhash-1", "minhash-4"):

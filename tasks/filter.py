@@ -12,6 +12,7 @@ with datatrove's completion markers, so a killed run resumes from the tasks it f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -205,9 +206,11 @@ def funnel_markdown(funnel: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str | None = None) -> None:
+def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str | None = None,
+                  progress=None) -> None:
     """Run a datatrove pipeline on the local executor (completion markers in `logs_folder`, so a
-    rerun skips finished tasks), showing finished tasks as a progress bar and artifact."""
+    rerun skips finished tasks), showing finished tasks as a progress bar and artifact: its own,
+    or `progress` (a `tasks.progress.Progress` that a stage of several runs shares)."""
     if title is None:  # <lake>/<kind>/<version>/_work/logs/<step>: "dedup@<version> exact-1"
         kind, version, *_, step = logs_folder.path.rstrip("/").split("/")[-5:]
         title = f"{kind}@{version} {step}"
@@ -219,7 +222,7 @@ def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: 
     executor = FailFastExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
                                 logging_dir=logs_folder, skip_completed=True)
     stop = threading.Event()
-    with Progress(title, files=tasks, unit="tasks") as progress:
+    with contextlib.nullcontext(progress) if progress else Progress(title, files=tasks, unit="tasks") as progress:
         def poll() -> None:
             seen = 0
             while not stop.wait(1.0):

@@ -20,7 +20,7 @@ class Progress:
         self.title, self.files_total, self.every = title, max(files, 0), every
         self.files = self.bytes = 0
         self._lock = threading.Lock()
-        self._last = 0.0
+        self._last_bar = self._last_artifact = 0.0  # the terminal redraws 10x as often as the UI is told
         self._artifact_id = None
         self._bar = RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -46,13 +46,14 @@ class Progress:
 
     def _update(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.every / 10:
+        if not force and now - self._last_bar < self.every / 10:
             return
+        self._last_bar = now
         self._bar.update(self._task, completed=self.files,
                          description=f"{self.title} {self.bytes / 2**20:.1f} MiB" if self.bytes else self.title)
-        if self._artifact_id is not None and (force or now - self._last >= self.every):
+        if self._artifact_id is not None and (force or now - self._last_artifact >= self.every):
+            self._last_artifact = now
             runtime().update_progress(self._artifact_id, 100.0 * self.files / self.files_total if self.files_total else 0.0)
-        self._last = now
 
     def __exit__(self, *exc) -> None:
         self._update(force=True)

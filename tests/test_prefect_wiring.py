@@ -132,3 +132,29 @@ def test_a_flow_run_sends_its_heartbeat_and_ends_without_waiting_for_it(prefect_
         t.join(5)
         assert not t.is_alive(), "the heartbeat thread did not stop by itself"
     assert not heartbeat_threads()
+
+
+def test_a_server_without_csrf_protection_is_asked_about_tokens_once_per_process(prefect_harness):
+    """flows/runtime.py remembers, per API URL, that the server has no CSRF protection (Prefect's
+    default): stock Prefect asks again with every new client, twice per flow run."""
+    from unittest import mock
+
+    import flows.stages  # noqa: F401  (installs the change)
+    from prefect import flow
+    from prefect.client import base
+
+    asked: list[str] = []
+    send = base.PrefectHttpxSyncClient.send
+
+    def recording_send(self, request, *args, **kwargs):
+        if "/csrf-token" in request.url.path:
+            asked.append(str(request.url))
+        return send(self, request, *args, **kwargs)
+
+    @flow(name="c2m-csrf-check")
+    def quick(n: int) -> int:
+        return n
+
+    with mock.patch.object(base.PrefectHttpxSyncClient, "send", recording_send):
+        assert [quick(n) for n in range(3)] == [0, 1, 2]
+    assert len(asked) <= 1, asked
