@@ -2,7 +2,8 @@
 gzip member to its CRC, every record's length) on the bytes as they arrive, so its wall time is
 compared with the larger of the transfer alone (curl) and the check alone done by the standard
 tools (`gzip -t` and `sha256sum`, which inflate and hash every byte once), each with the same
-4-way parallelism; and the check of files on disk (`verify_warc`, one read) with those tools."""
+4-way parallelism; and the check of files on disk (`verify_warc`, one read) with those tools.
+The mirror is served by a process of its own (`served`), for both, as a remote server would be."""
 
 from __future__ import annotations
 

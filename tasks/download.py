@@ -4,12 +4,14 @@ Sources: a crawl id (its `warc.paths.gz` read from the base URL), explicit URLs,
 files. Transfers run in parallel with retries (exponential backoff + jitter, Retry-After on
 429/503), resume a dropped transfer with an HTTP Range request, and verify every file (its
 sha256, each gzip member to its trailer, every record against its length) before it enters
-the lake: in the same pass as the transfer, on the bytes as they arrive (`tasks.warc.WarcChecker`),
-so a damaged file is refused as soon as its damage arrives and no file is read twice.
+the lake: in the same pass as the transfer, on the bytes as they arrive (`tasks.warc.WarcChecker`,
+run in worker processes by `CheckerProcesses`: in the transfer threads the checks would take turns
+for the GIL), so a damaged file is refused as soon as its damage arrives and no file is read twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -34,7 +36,8 @@ from tasks.lake import Lake, Manifest, Production
 from tasks.errors import StageError
 from tasks.progress import Progress
 from tasks.stage import StageParams, cache_dir, run_stage
-from tasks.warc import WarcChecker, WarcError, WarcStats, copy_first_records, verify_warc
+from tasks.warc import (CheckerProcesses, RemoteChecker, WarcChecker, WarcError, WarcStats, copy_first_records,
+                        verify_warc)
 
 CODE_VERSION = "download/1"
 DEFAULT_BASE_URL = "https://data.commoncrawl.org/"
@@ -237,13 +240,18 @@ class _Unchecked:
     def finish(self) -> None:
         return None
 
+    def close(self) -> None:
+        pass
 
-def _resumed_checker(part: str, name: str, append: bool, check_warc: bool) -> WarcChecker | _Unchecked:
-    """The WARC check of a transfer, fed first with the bytes an earlier attempt left in `part`
-    when this one appends to them (the only bytes read twice, and only on a resume)."""
+
+def _resumed_checker(part: str, name: str, append: bool, check_warc: bool,
+                     checkers: CheckerProcesses | None) -> WarcChecker | RemoteChecker | _Unchecked:
+    """The WARC check of a transfer (in a worker process of `checkers` when given), fed first
+    with the bytes an earlier attempt left in `part` when this one appends to them (the only
+    bytes read twice, and only on a resume). Close it when done: that gives its worker back."""
     if not check_warc:
         return _Unchecked()
-    checker = WarcChecker(name)
+    checker = checkers.checker(name) if checkers else WarcChecker(name)
     if append:
         with open(part, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -252,7 +260,7 @@ def _resumed_checker(part: str, name: str, append: bool, check_warc: bool) -> Wa
 
 
 def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None],
-               check_warc: bool, name: str) -> WarcStats | None:
+               check_warc: bool, name: str, checkers: CheckerProcesses | None = None) -> WarcStats | None:
     """One HTTP attempt, appending to `part` from where it stopped (Range); every byte is checked
     as it is written (`WarcChecker`). Returns the file's check, or None for a cut (max_records)."""
     have = os.path.getsize(part) if os.path.exists(part) and not params.max_records else 0
@@ -286,19 +294,20 @@ def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[
                 except (requests.RequestException, OSError) as e:
                     raise _Retryable(f"{url}: {type(e).__name__} mid-body") from None
                 return None
-            checker = _resumed_checker(part, name, append, check_warc)
-            try:
-                for chunk in r.iter_content(1 << 16):
-                    out.write(chunk)
-                    checker.feed(chunk)
-                    on_bytes(len(chunk))
-            except (requests.RequestException, OSError) as e:
-                raise _Retryable(f"{url}: connection lost after {out.tell()} bytes: "
-                                 f"{type(e).__name__}") from None
-        size = os.path.getsize(part)
-        if total is not None and size != total:
-            raise _Retryable(f"{url}: got {size} of {total} bytes")
-        return checker.finish()
+            with contextlib.closing(_resumed_checker(part, name, append, check_warc, checkers)) as checker:
+                try:
+                    for chunk in r.iter_content(1 << 16):
+                        out.write(chunk)
+                        checker.feed(chunk)
+                        on_bytes(len(chunk))
+                except (requests.RequestException, OSError) as e:
+                    raise _Retryable(f"{url}: connection lost after {out.tell()} bytes: "
+                                     f"{type(e).__name__}") from None
+                out.close()
+                size = os.path.getsize(part)
+                if total is not None and size != total:
+                    raise _Retryable(f"{url}: got {size} of {total} bytes")
+                return checker.finish()
 
 
 class _RawReader:
@@ -314,7 +323,7 @@ class _RawReader:
 
 
 def _fsspec_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None],
-                 check_warc: bool, name: str) -> WarcStats | None:
+                 check_warc: bool, name: str, checkers: CheckerProcesses | None = None) -> WarcStats | None:
     """file:// and s3:// sources (fsspec retries S3 itself), checked as they are copied."""
     try:
         src_cm = fsspec.open(url, "rb")
@@ -322,12 +331,12 @@ def _fsspec_once(url: str, part: str, params: DownloadParams, on_bytes: Callable
             if params.max_records:
                 copy_first_records(_Counting(src, on_bytes), out, params.max_records, url)
                 return None
-            checker = _resumed_checker(part, name, False, check_warc)
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
-                checker.feed(chunk)
-                on_bytes(len(chunk))
-        return checker.finish()
+            with contextlib.closing(_resumed_checker(part, name, False, check_warc, checkers)) as checker:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+                    checker.feed(chunk)
+                    on_bytes(len(chunk))
+                return checker.finish()
     except FileNotFoundError:
         raise DownloadError(f"{url}: no such file") from None
     except PermissionError:
@@ -345,7 +354,8 @@ class _Counting:
 
 
 def fetch(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int], None] = lambda n: None,
-          log: Callable[[str], None] = lambda m: None, check_warc: bool = True) -> WarcStats | None:
+          log: Callable[[str], None] = lambda m: None, check_warc: bool = True,
+          checkers: CheckerProcesses | None = None) -> WarcStats | None:
     """Fetch `url` into the local file `part`, retrying and resuming until it is whole, checking
     it as it arrives (a WARC, unless `check_warc` is false). Returns its check (None for a cut to
     max_records, whose cut file is checked after, or when not checked)."""
@@ -354,7 +364,7 @@ def fetch(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int],
         url = "file://" + os.path.abspath(url)
     for attempt in range(params.retries + 1):
         try:
-            return (_fsspec_once if local else _http_once)(url, part, params, on_bytes, check_warc, name)
+            return (_fsspec_once if local else _http_once)(url, part, params, on_bytes, check_warc, name, checkers)
         except _Retryable as e:
             if attempt == params.retries:
                 raise DownloadError(f"{e} (gave up after {params.retries + 1} attempts)") from None
@@ -380,7 +390,7 @@ def _staging_dir(lake: Lake, prod: Production) -> str:
 
 
 def download_one(src: Source, staging: str, params: DownloadParams, progress: Progress,
-                 log: Callable[[str], None]) -> tuple[str, dict]:
+                 log: Callable[[str], None], checkers: CheckerProcesses | None = None) -> tuple[str, dict]:
     part = os.path.join(staging, src.name + ".part")
     done = os.path.join(staging, src.name)
     fetched = 0
@@ -393,7 +403,7 @@ def download_one(src: Source, staging: str, params: DownloadParams, progress: Pr
     stats = None
     try:
         if not os.path.exists(done):
-            stats = fetch(src.url, part, params, on_bytes, log)
+            stats = fetch(src.url, part, params, on_bytes, log, checkers=checkers)
             os.replace(part, done)
         if stats is None:  # a cut to max_records, or a file an interrupted run fetched whole
             stats = verify_warc(lambda: open(done, "rb"), src.url)
@@ -421,9 +431,11 @@ def download(lake: Lake, params: DownloadParams, log: Callable[[str], None] | No
             prod.metrics["crawl_files"] = len(paths)
         staging = _staging_dir(lake, prod)
         results = []
+        # transfers in threads, their checks in processes: every core checks (CheckerProcesses)
+        checks = min(params.concurrency, len(todo), os.cpu_count() or 1)
         with Progress(f"download {prod.ref}", files=len(todo)) as progress, \
-                ThreadPoolExecutor(max_workers=params.concurrency) as pool:
-            futures = {pool.submit(download_one, s, staging, params, progress, log): s for s in todo}
+                CheckerProcesses(checks) as checkers, ThreadPoolExecutor(max_workers=params.concurrency) as pool:
+            futures = {pool.submit(download_one, s, staging, params, progress, log, checkers): s for s in todo}
             try:
                 for fut in as_completed(futures):
                     results.append(fut.result())

@@ -280,3 +280,34 @@ def test_a_wrong_content_length_is_resumed_or_a_clear_error(cc_root, originals, 
     assert r.returncode == 1 and f"error: {srv.url + url}:" in r.stderr, r.stderr[-2000:]
     assert "truncated" in r.stderr.split("error:")[-1], r.stderr[-2000:]
     assert not (tmp_path / "other").exists() or Lake(str(tmp_path / "other")).versions("download") == []
+
+
+def test_checks_in_worker_processes_equal_the_in_process_check(shared_data):
+    """tasks.warc.CheckerProcesses (what a download checks with): the same stats, or the same
+    error, as WarcChecker for every real and damaged WARC of the shared data, reported while
+    feeding when the in-process check would be; an abandoned check leaves its worker usable."""
+    from tasks.warc import CheckerProcesses, WarcChecker, WarcError
+
+    def outcome(checker, data: bytes):
+        try:
+            for i in range(0, len(data), 1 << 16):
+                checker.feed(data[i:i + (1 << 16)])
+            return checker.finish()
+        except WarcError as e:
+            return f"error: {e}"
+        finally:
+            checker.close()
+
+    files = sorted(p for d in ("warc", "warc-broken") for p in (shared_data / d).iterdir() if p.is_file())
+    assert len(files) >= 10
+    errors = 0
+    with CheckerProcesses(2) as checkers:
+        abandoned = checkers.checker("abandoned")
+        abandoned.feed(b"\x1f\x8b garbage that fails at once" * 100)
+        abandoned.close()  # its error reply is drained, not read by the next file
+        for path in files:
+            data = path.read_bytes()
+            want = outcome(WarcChecker(path.name), data)
+            assert outcome(checkers.checker(path.name), data) == want, path.name
+            errors += isinstance(want, str)
+    assert 0 < errors < len(files)
