@@ -21,11 +21,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from model.config import PRESETS, TrainConfig, settings
 from tasks.errors import StageError
-from tasks.lake import Lake, Manifest, Production, s3_credentials
+from tasks.lake import Lake, Manifest, Production, s3_credentials, version_of
 from tasks.report import runtime
 from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
@@ -48,7 +48,7 @@ class _Input(StageParams):
 
 
 TRAIN_FIELDS = [s.name for s in settings(TrainConfig)]
-LAUNCH_FIELDS = ["nproc_per_node", "nnodes", "rdzv_endpoint", "timeout_s"]
+LAUNCH_FIELDS = ["nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "timeout_s"]
 
 
 class PretrainParams(create_model("_TrainSettings", __base__=_Input, __module__=__name__,
@@ -60,7 +60,10 @@ class PretrainParams(create_model("_TrainSettings", __base__=_Input, __module__=
     # how it runs, not what it makes:
     nproc_per_node: int = Field(1, ge=1, le=1024, description="training processes per node (GPUs)")
     nnodes: int = Field(1, ge=1, description="nodes (machines) of a multi-node run")
-    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the rendezvous for multi-node")
+    node_rank: int = Field(0, ge=0, description="this node's place in a multi-node run: node 0 produces and "
+                                                "commits the version, the others train beside it")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the rendezvous for multi-node (torchrun's "
+                                                        "c10d store; every node gives the same)")
     timeout_s: float = Field(24 * 3600, gt=0, description="kill the training after this many seconds")
 
     @field_validator("rdzv_endpoint")
@@ -69,6 +72,15 @@ class PretrainParams(create_model("_TrainSettings", __base__=_Input, __module__=
         if v is not None and (":" not in v or not v.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"invalid rdzv endpoint {v!r}: expected HOST:PORT")
         return v
+
+    @model_validator(mode="after")
+    def _node_of_the_run(self) -> "PretrainParams":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not a node of a {self.nnodes}-node run "
+                             f"(0 to {self.nnodes - 1})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"a {self.nnodes}-node run needs rdzv_endpoint HOST:PORT (the same on every node)")
+        return self
 
     @field_validator("seq_len")
     @classmethod
@@ -93,11 +105,13 @@ class PretrainError(StageError):
     pass
 
 
-def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str) -> list[str]:
+def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str, run_id: str = "none") -> list[str]:
+    """`run_id`: the rendezvous' id (the version: every node computes the same, and another run
+    on the same endpoint is refused rather than joined)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(params.nproc_per_node)]
     if params.nnodes > 1 or params.rdzv_endpoint:
         launcher += ["--nnodes", str(params.nnodes), "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", params.rdzv_endpoint or "127.0.0.1:29500"]
+                     "--rdzv-endpoint", params.rdzv_endpoint or "127.0.0.1:29500", "--rdzv-id", run_id]
     else:
         launcher += ["--standalone"]
     return launcher + ["-m", "model.train", *train_argv(params, data, out, tokenizer)]
@@ -250,12 +264,14 @@ class _Progress:
 def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = print) -> Manifest:
     source = resolve_inputs(lake, params)["input"]
     tokenizer_ref = json.loads(lake.open(source, "meta.json").read())["tokenizer"]
+    if params.node_rank > 0:
+        return train_beside_node_0(lake, params, source, tokenizer_ref, log)
 
     def build(prod: Production) -> None:
         data = lake.uri(source.kind, source.version)
         out = prod.uri()  # a path or fsspec URL: checkpoints land in the version, so a rerun resumes
         tokenizer = lake.file_uri(source, "tokenizer.model")
-        cmd = torchrun_command(params, data, out, tokenizer)
+        cmd = torchrun_command(params, data, out, tokenizer, run_id=f"pretrain-{prod.version}")
         # every rank checks the inputs (shapes, vocabulary, resume state) before it builds the
         # model: bad input ends the launch in seconds, with model.train's one line and exit 2
         env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
@@ -278,6 +294,30 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         publish(prod.ref, png, progress.history)
 
     return run_stage(lake, "pretrain", params.recipe(), [source.ref, tokenizer_ref], CODE_VERSION, build, rebuild=params.rebuild)
+
+
+def train_beside_node_0(lake: Lake, params: PretrainParams, source: Manifest, tokenizer_ref: str,
+                        log: Callable[[str], None], commit_wait_s: float = 600) -> Manifest:
+    """Node 1.. of a multi-node run: train in the same rendezvous as node 0, writing into the same
+    version folder (the lake must be one that every node sees: S3, or a shared folder), and leave
+    the version to node 0, which holds its lease and commits it. Returns node 0's commit."""
+    version = version_of("pretrain", params.recipe(), [source.ref, tokenizer_ref], CODE_VERSION)
+    ref = f"pretrain@{version}"
+    if (done := lake.manifest("pretrain", version)) is not None:
+        log(f"{ref}: already committed, nothing to train")
+        return done
+    cmd = torchrun_command(params, lake.uri(source.kind, source.version), lake.uri("pretrain", version),
+                           lake.file_uri(source, "tokenizer.model"), run_id=f"pretrain-{version}")
+    log(f"node {params.node_rank} of {params.nnodes}, training {ref} (node 0 commits it): " + " ".join(cmd))
+    run_torchrun(cmd, params.timeout_s, _Progress(params.max_steps, log), env=torchrun_env(params))
+    deadline = time.time() + commit_wait_s
+    while (done := lake.manifest("pretrain", version)) is None:
+        if time.time() > deadline:
+            raise PretrainError(f"{ref}: training ended here but node 0 did not commit it within "
+                                f"{commit_wait_s:.0f}s (see node 0's log)")
+        time.sleep(1)
+    log(f"{ref}: committed by node 0")
+    return done
 
 
 def publish(ref: str, png: bytes, history: list[dict]) -> None:

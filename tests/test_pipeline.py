@@ -59,7 +59,10 @@ def test_invalid_pipeline_parameters(tmp_path, demo_mirror):
     cases = [(["--from", "shard", "--to", "filter"], "comes after"),
              (["--set", "pretrain.max_steps=0"], "invalid pretrain.max-steps"),
              (["--set", "nosuchstage.x=1"], "invalid --set 'nosuchstage'"),
-             (["--set", "pretrain.rdzv_endpoint=nohostport"], "invalid rdzv endpoint")]
+             (["--set", "pretrain.rdzv_endpoint=nohostport"], "invalid rdzv endpoint"),
+             (["--set", "pretrain.nnodes=2", "--set", "pretrain.node_rank=2", "--set",
+               "pretrain.rdzv_endpoint=127.0.0.1:29400"], "node_rank 2 is not a node of a 2-node run (0 to 1)"),
+             (["--set", "pretrain.nnodes=2"], "a 2-node run needs rdzv_endpoint HOST:PORT")]
     lake = str(tmp_path / "lake")
     runs = run_all([[str(BIN / "crawl2model"), "--lake", lake, "run", "--preset", "demo", *QUICK, *args]
                     for args, _ in cases], cwd=demo_mirror.parent)  # as run_pipeline, all at once

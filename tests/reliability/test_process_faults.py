@@ -250,3 +250,47 @@ def test_bad_training_input_is_one_line_exit_2_and_leaves_nothing(demo_local_run
     assert "Traceback" not in err
     none_left(below, "(after bad input)")
     assert lake.versions("pretrain") == []
+
+
+def test_two_nodes_train_as_one_node_of_two_ranks_and_resume_after_a_node_is_killed(demo_local_run, demo_mirror,
+                                                                                     tmp_path):
+    """`--nnodes 2 --node-rank R --rdzv-endpoint H:P` (torchrun's c10d rendezvous) on loopback,
+    one process a node: node 1 is SIGKILLed after the first checkpoint, node 0 then fails with
+    one line and commits nothing; relaunched, the two nodes resume from that checkpoint and
+    node 0 commits the same version, file for file (weights, loss curve, checkpoints), as the
+    reference's one node of two ranks (gloo on CPU is bit-identical)."""
+    from tests.conftest import free_port
+
+    reference, lake_dir, lake, cmd = stage_alone(demo_local_run[0], "pretrain", tmp_path)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}  # 2 "nodes" on 2 cores
+
+    def nodes() -> list[subprocess.Popen]:
+        port, procs = free_port(), []
+        for rank in (0, 1):  # node 0 first: its launcher hosts the rendezvous store
+            node = [*cmd, "--set", "pretrain.nproc_per_node=1", "--set", "pretrain.nnodes=2", "--set",
+                    f"pretrain.node_rank={rank}", "--set", f"pretrain.rdzv_endpoint=127.0.0.1:{port}"]
+            (tmp_path / f"node{rank}").mkdir(exist_ok=True)
+            procs.append(start_logged(node, demo_mirror.parent, tmp_path / f"node{rank}", env))
+            time.sleep(0.5)
+        return procs
+
+    node0, node1 = nodes()
+    first = lake_dir / "pretrain" / reference.version / "checkpoints" / "step-000010" / "trainer.json"
+    deadline = time.time() + 300
+    while not first.exists():
+        assert node0.poll() is None and node1.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.02)
+    os.killpg(node1.pid, signal.SIGKILL)
+    node1.wait()
+    last = error_line_of_failed(node0, tmp_path / "node0", "node 1 was killed", within=120)
+    assert last.startswith("error: training failed (torchrun exit") and "rerun to resume" in last, last
+    assert lake.versions("pretrain") == []
+
+    node0, node1 = nodes()
+    for rank, proc in enumerate((node0, node1)):
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"node{rank}" / "stderr").read_text()[-3000:]
+    log0, log1 = ((tmp_path / f"node{rank}" / "stderr").read_text() for rank in (0, 1))
+    assert "checkpoints/step-000010 at step 10" in log0 and f"pretrain@{reference.version}: committed by node 0" in log1
+    again = lake.resolve("pretrain")
+    assert again.version == reference.version
+    assert {f["path"]: f["sha256"] for f in again.files} == {f["path"]: f["sha256"] for f in reference.files}
