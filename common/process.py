@@ -6,6 +6,33 @@ from __future__ import annotations
 import sys
 
 
+_worker_cpu = [0.0]  # CPU seconds that worker processes (not our waited children) reported
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (every thread)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def report_worker_cpu(seconds: float) -> None:
+    """A worker process that this process does not wait for (a forkserver's child: datatrove's
+    tasks, the WARC checks) reports the CPU it spent on our work."""
+    _worker_cpu[0] += seconds  # a float add under the GIL: no lost update between threads
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of every process working for this one so far: itself, the children it waited
+    for (torchrun and its ranks: torchrun waits for them) and the workers that reported theirs.
+    A stage's cost is the difference over its run (tasks/stage.py records it in the manifest)."""
+    import resource
+
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own_cpu_seconds() + c.ru_utime + c.ru_stime + _worker_cpu[0]
+
+
 def is_storage_error(e: BaseException) -> bool:
     """An OSError, or an error of the S3 client stack that is not one (botocore, aiohttp)."""
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs")

@@ -10,6 +10,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.process import cpu_seconds
 from tasks.lake import Lake, LakeError, Manifest, Production
 from tasks.errors import StageError
 from tasks.report import runtime
@@ -114,7 +115,7 @@ def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_versi
     """Produce `kind` for this recipe (the parameters that define the output: they make the
     version) and these inputs, or reuse the committed version."""
     flow_run_id, log = runtime().run_id(), runtime().logger()
-    started = time.time()
+    started, cpu = time.time(), cpu_seconds()
     with lake.produce(kind, recipe, inputs, code_version, flow_run_id=flow_run_id, rebuild=rebuild) as prod:
         if prod.cached:
             log.info("%s: cache hit, already built", prod.ref)
@@ -122,6 +123,8 @@ def run_stage(lake: Lake, kind: str, recipe: dict, inputs: list[str], code_versi
             log.info("%s: building%s", prod.ref, " (resuming)" if prod.resumed else "")
             build(prod)
             prod.metrics.setdefault("seconds", round(time.time() - started, 3))
+            # every process's CPU (workers' start-up apart): what `plan` scales a crawl's cost by
+            prod.metrics.setdefault("cpu_seconds", round(cpu_seconds() - cpu, 3))
     m = prod.manifest
     assert m is not None
     if not prod.cached:

@@ -39,7 +39,7 @@ from datatrove.utils.logging import logger
 from multiprocess.connection import wait
 from multiprocess.pool import RemoteTraceback
 
-from common.process import how_it_ended
+from common.process import how_it_ended, own_cpu_seconds, report_worker_cpu
 from tasks.lid import top_language
 from tasks.stage import TaskDied
 
@@ -491,7 +491,8 @@ def document_adapter(self, doc: Document) -> dict:
 
 def _worker(executor, slot: int, stage, alive) -> None:
     """A process that runs the datatrove tasks the stage sends it (ranks over `stage`, a socket),
-    one at a time, answering None when a task is done or (exception, traceback) when it failed.
+    one at a time, answering the task's CPU seconds when it is done or (exception, traceback)
+    when it failed.
     `alive` closes when the stage dies, and then this process dies too instead of writing on
     beside a rerun (its parent is the forkserver, which lives as long as any of its clients, so
     PR_SET_PDEATHSIG would not fire)."""
@@ -508,6 +509,7 @@ def _worker(executor, slot: int, stage, alive) -> None:
     pipeline = executor.pipeline
     while (rank := stage.recv()) is not None:
         executor.pipeline = deepcopy(pipeline)  # no step state carried from one task to the next
+        cpu = own_cpu_seconds()
         try:
             executor._run_for_rank(rank, slot)
         except BaseException as e:
@@ -517,7 +519,7 @@ def _worker(executor, slot: int, stage, alive) -> None:
             except Exception:  # an exception that does not pickle: its text is enough
                 stage.send((RuntimeError(f"{type(e).__name__}: {e}"), tb))
             os._exit(1)
-        stage.send(None)
+        stage.send(own_cpu_seconds() - cpu)  # done: the task's CPU seconds, for the stage's manifest
 
 
 # datatrove.utils.{word_tokenizers,text}: a step module that imports one of these splits words with spaCy
@@ -585,7 +587,8 @@ class FailFastExecutor(LocalPipelineExecutor):
                         answer = stage.recv() if stage.poll() else "died"
                     except (EOFError, OSError):  # closed, or reset by a process killed mid-write
                         answer = "died"
-                    if answer is None:  # done: the next task, or the end
+                    if isinstance(answer, float):  # done (its CPU seconds): the next task, or the end
+                        report_worker_cpu(answer)
                         done += 1
                         logger.info(f"{done}/{self.tasks} tasks completed.")
                         rank = running[stage][1] = ranks.pop(0) if ranks else None

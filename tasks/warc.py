@@ -16,6 +16,7 @@ from typing import BinaryIO
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
+from common.process import own_cpu_seconds, report_worker_cpu
 from tasks.errors import StageError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -386,6 +387,7 @@ class RemoteChecker:
             raise WarcError(value)
         if outcome == "bug":
             raise RuntimeError(f"the WARC check of {self.name} failed:\n{value}")
+        report_worker_cpu(value.pop("cpu_seconds"))
         return WarcStats(**value)
 
 
@@ -395,7 +397,7 @@ def _check_files(conn) -> None:
     Q ends the worker. An error found while feeding is sent at once, and is the file's reply."""
     import traceback
 
-    checker, replied = None, False
+    checker, replied, started = None, False, 0.0
 
     def reply(outcome) -> None:
         nonlocal replied
@@ -423,13 +425,15 @@ def _check_files(conn) -> None:
                 guarded(lambda: checker.feed(body))
         elif kind == b"S":
             checker, replied = WarcChecker(body.decode("utf-8", "replace")), False
+            started = own_cpu_seconds()
         elif kind == b"F":
             if not replied:
                 done = {}
                 if guarded(lambda: done.setdefault("stats", checker.finish())):
                     st = done["stats"]
                     reply(("ok", {"sha256": st.sha256, "bytes": st.bytes, "gzip_members": st.gzip_members,
-                                  "records": st.records, "by_type": st.by_type}))
+                                  "records": st.records, "by_type": st.by_type,
+                                  "cpu_seconds": own_cpu_seconds() - started}))
             checker = None
         elif kind == b"A":
             checker = None

@@ -304,3 +304,34 @@ def test_filter_and_dedup_under_unshare_loopback_only(curated, tmp_path):
         assert attempt not in r.stdout + r.stderr, attempt
     out = Lake(str(lake))
     assert out.resolve("dedup").metrics["documents"] == curated["dedup"].metrics["documents"]
+
+
+def test_a_stage_counts_the_cpu_of_its_datatrove_workers(shared_data, tmp_path):
+    """The manifest's cpu_seconds (what `plan` scales by) counts datatrove's tasks, which run in
+    worker processes this process does not wait for: the CPU a FailFastExecutor's worker reports
+    for a filter run is the CPU the same run costs in this process (within a factor 2: CPU, not
+    wall time, so a busy machine does not change it)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.io import DataFolder
+
+    from common.process import cpu_seconds, own_cpu_seconds
+    from tasks.filter import build_pipeline
+    from tasks.steps import FailFastExecutor
+
+    paths = tmp_path / "inputs.txt"
+    paths.write_text("wget-sample-0000.warc.gz\nwget-sample-0001.warc.gz\ncc-main-2020-34-excerpt.warc.gz\n")
+
+    def pipeline(name: str) -> list:
+        out = tmp_path / name
+        return build_pipeline(FilterParams(), DataFolder(str(shared_data / "warc")), str(paths),
+                              DataFolder(str(out / "data")), DataFolder(str(out / "removed")), "CC-TEST")
+
+    pipeline("warm")  # one-off loads (the blocklist, spaCy's rules) outside both measures
+    LocalPipelineExecutor(pipeline("warm"), tasks=1, workers=1, logging_dir=str(tmp_path / "warm-logs")).run()
+    before = own_cpu_seconds()
+    LocalPipelineExecutor(pipeline("here"), tasks=1, workers=1, logging_dir=str(tmp_path / "here-logs")).run()
+    here = own_cpu_seconds() - before
+    before, own = cpu_seconds(), own_cpu_seconds()
+    FailFastExecutor(pipeline("workers"), tasks=1, workers=1, logging_dir=str(tmp_path / "worker-logs")).run()
+    reported = (cpu_seconds() - before) - (own_cpu_seconds() - own)  # less this process's own share
+    assert here > 0.2 and here / 2 < reported < here * 2, (here, reported)
