@@ -283,6 +283,36 @@ def cmd_stage(lake: Lake, args) -> int:
     return 0
 
 
+def cmd_plan(lake: Lake, args) -> int:
+    """`plan`: a whole crawl's cost from its listing, one sampled file and the lake's measured runs."""
+    from tasks.plan import PlanParams, plan
+
+    params = _params(PlanParams, **{k: getattr(args, k, None) for k in PlanParams.model_fields})
+    p = plan(lake, params, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(p, indent=2))
+        return 0
+    s = p["sample"]
+    out.print(f"{p['crawl']}: {p['files']:,} of {p['files_in_crawl']:,} WARC files; sampled {s['path']}: "
+              f"{s['records']:,} records ({s['responses']:,} responses), {human_bytes(s['bytes'])}")
+    table = Table(title=f"plan at {params.workers} CPU workers, {params.gpus} GPUs")
+    for col in ("stage", "CPU-hours", "wall hours", "stored", "USD", "measured on"):
+        table.add_column(col, justify="left" if col in ("stage", "measured on") else "right")
+    for r in p["stages"]:
+        table.add_row(r["stage"], f"{r['cpu_hours']:,.0f}", f"{r['wall_hours']:,.1f}", human_bytes(int(r["bytes_out"])),
+                      "-" if r["usd"] is None else f"{r['usd']:,.0f}", r["measured_on"])
+    t = p["train"]
+    table.add_row(f"pretrain {t['model_preset']}", f"{t['gpu_hours']:,.0f} GPU-h", f"{t['wall_hours']:,.1f}", "-",
+                  "-" if t["usd"] is None else f"{t['usd']:,.0f}",
+                  f"6·N·D: N {t['params'] / 1e6:,.0f}M, D {t['tokens'] / 1e9:,.1f}B tokens (estimated)")
+    out.print(table)
+    out.print(f"documents: {p['documents_after_filter']:,.0f} after filter, {p['documents_after_dedup']:,.0f} after "
+              f"dedup; tokens {p['tokens']:,.0f}; stored {p['storage_tb']:,.1f} TB"
+              + ("" if p["storage_usd_per_month"] is None else f" ({p['storage_usd_per_month']:,.0f} USD/month)"))
+    out.print("assumed: " + "; ".join(p["assumed"]))
+    return 0
+
+
 def cmd_tokenize(lake: Lake, args) -> int:
     from tasks.tokenizer import load, render_terminal, tokenizer_path
 
@@ -426,6 +456,15 @@ def build_parser() -> Parser:
     for st in registry.STAGES.values():
         add_stage_options(ssub.add_parser(st.name, help=st.description, description=st.description), st)
 
+    pl = sub.add_parser("plan", help="what a whole crawl will cost: CPU, GPU, bytes, money, from measured runs")
+    from tasks.plan import PlanParams
+
+    for name, field in PlanParams.model_fields.items():
+        default = "" if field.is_required() or field.default is None else f" (default: {field.default})"
+        pl.add_argument("--" + name.replace("_", "-"), metavar=name.upper(), required=field.is_required(),
+                        help=(field.description or "") + default)
+    pl.add_argument("--json", action="store_true", help="the plan as JSON, for scripts")
+    pl.set_defaults(func=cmd_plan)
     tz = sub.add_parser("tokenize", help="show a text split into tokens with their ids")
     tz.add_argument("--tokenizer", default="tokenizer", help="tokenizer version (default: tokenizer@latest)")
     tz.add_argument("text")

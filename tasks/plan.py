@@ -1,0 +1,154 @@
+"""`crawl2model plan`: what curating and training on a whole crawl will cost, before any of it runs.
+
+Three sources, each named in the output:
+- the crawl's listing (how many WARC files), read like `stage download` reads it (offline
+  against a mirror with `--base-url`);
+- one file of it, fetched and checked (records and bytes per file);
+- what this project measured on its own runs: the newest committed version of each stage in
+  the lake that records `cpu_seconds` (tasks/stage.py), as CPU per unit of its input (download:
+  per byte, filter: per WARC record, dedup: per document, shard: per token) and the share each
+  keeps. The units scale linearly, so a crawl's cost is the sample's per-unit cost times the
+  crawl's units.
+Training is estimated, not measured: 6·N·D FLOPs (N the model preset's parameters, D the tokens)
+at the stated peak TFLOP/s and MFU.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+from urllib.parse import urljoin
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.errors import StageError
+from tasks.lake import Lake, Manifest
+
+CURATION = ["download", "filter", "dedup", "shard"]
+
+
+class PlanError(StageError):
+    pass
+
+
+class PlanParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    crawl: str = Field(description="crawl id (CC-MAIN-2024-51) or 'latest'")
+    base_url: str = Field("https://data.commoncrawl.org/",  # tasks.download.DEFAULT_BASE_URL (not imported: --help
+                          description="Common Crawl, or a mirror laid out like it")  # would load requests)
+    segments: int | None = Field(None, ge=1, description="plan for this many WARC files (default: the whole crawl)")
+    workers: int = Field(64, ge=1, description="CPU workers the curation runs on (wall hours)")
+    model_preset: str = Field("gpt2-small", description="the model to train on the tokens")
+    gpus: int = Field(8, ge=1)
+    gpu_peak_tflops: float = Field(989.0, gt=0, description="per GPU (H100 SXM dense bf16: 989)")
+    mfu: float = Field(0.4, gt=0, le=1, description="model FLOPs utilisation")
+    usd_per_cpu_hour: float | None = Field(None, ge=0)
+    usd_per_gpu_hour: float | None = Field(None, ge=0)
+    usd_per_tb_month: float | None = Field(None, ge=0)
+
+    @field_validator("model_preset")
+    @classmethod
+    def _preset(cls, v: str) -> str:
+        from model.config import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown model preset {v!r} (one of {', '.join(PRESETS)})")
+        return v
+
+
+def measured(lake: Lake) -> dict[str, Manifest]:
+    """The newest committed version of each curation stage that records its CPU seconds."""
+    out = {}
+    for kind in CURATION:
+        found = [m for m in lake.versions(kind) if m.metrics.get("cpu_seconds") is not None]
+        if found:
+            out[kind] = found[-1]
+    return out
+
+
+def model_params(preset: str, vocab_size: int) -> int:
+    """Parameters of a preset: 12·d² per layer (attention 4·d², MLP 8·d²) and the embedding."""
+    from model.config import PRESETS
+
+    p = PRESETS[preset]
+    return 12 * p["n_layer"] * p["n_embd"] ** 2 + vocab_size * p["n_embd"]
+
+
+def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: None) -> dict:
+    from tasks.download import DownloadParams, fetch, list_crawl_paths, resolve_latest_crawl, select_spread
+
+    runs = measured(lake)
+    missing = [k for k in CURATION if k not in runs]
+    if missing:
+        raise PlanError(f"no measured run of {', '.join(missing)} in lake {lake.url}: run the pipeline once "
+                        "(`make demo`, or `crawl2model run --preset demo`) to measure what each stage costs",
+                        bad_input=True)
+    dl = DownloadParams(crawl=params.crawl, base_url=params.base_url)
+    crawl = resolve_latest_crawl(dl) if params.crawl == "latest" else params.crawl
+    paths = list_crawl_paths(dl, crawl)
+    files = min(params.segments or len(paths), len(paths))
+    sample_path = select_spread(paths, 1, seed=0)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"sampling {sample_path}")
+        stats = fetch(urljoin(params.base_url, sample_path), os.path.join(tmp, "sample.warc.gz"), dl)
+    assert stats is not None
+    responses = stats.by_type.get("response", 0)
+
+    d, f, dd, sh = (runs[k] for k in CURATION)
+    d_records = d.metrics["records"]
+    f_in = _input_metrics(lake, f).get("records", d_records)  # the WARC records the filter read
+    f_docs, dd_in, dd_out = f.metrics["documents"], dd.metrics["input_documents"], dd.metrics["documents"]
+    sh_tokens = sh.metrics.get("train_tokens", 0) + sh.metrics.get("val_tokens", 0)
+    sh_docs = sh.metrics.get("train_documents", 0) + sh.metrics.get("val_documents", 0)
+    if not (d.metrics.get("bytes") and f_in and dd_in and sh_tokens):
+        raise PlanError("the measured runs lack the counts a plan scales by (bytes, records, documents, tokens)")
+
+    bytes_total = files * stats.bytes
+    records_total = files * stats.records
+    docs_filtered = records_total * f_docs / f_in
+    docs_kept = docs_filtered * dd_out / dd_in
+    tokens = docs_kept * sh_tokens / max(sh_docs, 1)
+    cpu = {"download": d.metrics["cpu_seconds"] / d.metrics["bytes"] * bytes_total,
+           "filter": f.metrics["cpu_seconds"] / f_in * records_total,
+           "dedup": dd.metrics["cpu_seconds"] / dd_in * docs_filtered,
+           "shard": sh.metrics["cpu_seconds"] / sh_tokens * tokens}
+    stored = {"download": bytes_total,
+              "filter": bytes_total * f.metrics.get("bytes", 0) / d.metrics["bytes"],
+              "dedup": bytes_total * dd.metrics.get("bytes", f.metrics.get("bytes", 0)) / d.metrics["bytes"],
+              "shard": tokens * 2}  # uint16 tokens, before zstd
+    rows = []
+    for kind in CURATION:
+        hours = cpu[kind] / 3600
+        rows.append({"stage": kind, "measured_on": runs[kind].ref, "cpu_hours": hours,
+                     "wall_hours": hours / params.workers, "bytes_out": stored[kind],
+                     "usd": hours * params.usd_per_cpu_hour if params.usd_per_cpu_hour is not None else None})
+    vocab = int(sh.metrics.get("vocab_size") or 50257)
+    n = model_params(params.model_preset, vocab)
+    flops = 6 * n * tokens
+    gpu_hours = flops / (params.gpu_peak_tflops * 1e12 * params.mfu) / 3600
+    tb = sum(stored.values()) / 1e12
+    return {
+        "crawl": crawl, "files": files, "files_in_crawl": len(paths),
+        "sample": {"path": sample_path, "bytes": stats.bytes, "records": stats.records, "responses": responses},
+        "documents_after_filter": docs_filtered, "documents_after_dedup": docs_kept, "tokens": tokens,
+        "stages": rows,
+        "train": {"model_preset": params.model_preset, "params": n, "tokens": tokens, "flops": flops,
+                  "gpu_hours": gpu_hours, "wall_hours": gpu_hours / params.gpus, "gpus": params.gpus,
+                  "usd": gpu_hours * params.usd_per_gpu_hour if params.usd_per_gpu_hour is not None else None},
+        "storage_tb": tb,
+        "storage_usd_per_month": tb * params.usd_per_tb_month if params.usd_per_tb_month is not None else None,
+        "measured": {k: runs[k].ref for k in CURATION},
+        "assumed": ["records and bytes per file: the one sampled file", "training: 6·N·D FLOPs at the given "
+                    f"peak {params.gpu_peak_tflops} TFLOP/s and MFU {params.mfu}", "shard bytes: 2 per token "
+                    "before compression", "the sample's keep rates (filter, dedup) hold for the crawl; dedup "
+                    "removes more across a whole crawl than within a sample"],
+    }
+
+
+def _input_metrics(lake: Lake, m: Manifest) -> dict:
+    try:
+        return lake.resolve(m.inputs[0]).metrics if m.inputs else {}
+    except Exception:
+        return {}

@@ -1,0 +1,65 @@
+"""`crawl2model plan` for a real crawl, offline: a mirror laid out from the real listing of
+CC-MAIN-2025-47 (100,000 WARC paths), one real WARC served under the path it samples, and the
+reference demo run's manifests as the measured costs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+from tasks.download import select_spread
+from tasks.lake import Lake
+from tasks.plan import CURATION, model_params
+from tasks.warc import verify_warc
+from tests.conftest import run_cli
+
+CRAWL = "CC-MAIN-2025-47"
+
+
+def test_plan_scales_the_measured_runs_to_a_whole_real_crawl(shared_data, demo_local_run, tmp_path):
+    mirror = tmp_path / "mirror"
+    listing = mirror / "crawl-data" / CRAWL / "warc.paths.gz"
+    listing.parent.mkdir(parents=True)
+    shutil.copyfile(shared_data / "cc-listings" / CRAWL / "warc.paths.gz", listing)
+    paths = [p for p in gzip.decompress(listing.read_bytes()).decode().split() if p]
+    sampled = select_spread(paths, 1, seed=0)[0]
+    warc = shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"
+    (mirror / sampled).parent.mkdir(parents=True)
+    shutil.copyfile(warc, mirror / sampled)
+    lake = Lake(demo_local_run[0])
+
+    r = run_cli("--lake", lake.url, "plan", "--crawl", CRAWL, "--base-url", f"file://{mirror}/", "--json",
+                "--usd-per-cpu-hour", "0.05", "--gpus", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(r.stdout)
+    stats = verify_warc(lambda: open(warc, "rb"), warc.name)
+    assert (p["files"], p["files_in_crawl"], len(paths)) == (100_000, 100_000, 100_000)
+    assert p["sample"] == {"path": sampled, "bytes": stats.bytes, "records": stats.records,
+                           "responses": stats.by_type["response"]}
+    runs = {k: lake.resolve(k) for k in CURATION}  # the newest measured version of each
+    assert p["measured"] == {k: m.ref for k, m in runs.items()}
+    d, f, dd, sh = (runs[k].metrics for k in CURATION)
+    records = 100_000 * stats.records
+    docs = records * f["documents"] / d["records"]
+    tokens = docs * dd["documents"] / dd["input_documents"] * (sh["train_tokens"] + sh["val_tokens"]) / \
+        (sh["train_documents"] + sh["val_documents"])
+    want = {"download": d["cpu_seconds"] / d["bytes"] * 100_000 * stats.bytes,
+            "filter": f["cpu_seconds"] / d["records"] * records,
+            "dedup": dd["cpu_seconds"] / dd["input_documents"] * docs,
+            "shard": sh["cpu_seconds"] / (sh["train_tokens"] + sh["val_tokens"]) * tokens}
+    for row in p["stages"]:
+        assert abs(row["cpu_hours"] - want[row["stage"]] / 3600) <= 1e-9 * max(1.0, row["cpu_hours"]), row
+        assert row["usd"] == row["cpu_hours"] * 0.05 and row["wall_hours"] == row["cpu_hours"] / 64
+    assert all(m.metrics["cpu_seconds"] > 0 for m in runs.values())
+    t = p["train"]
+    assert t["params"] == model_params("gpt2-small", sh["vocab_size"]) and abs(t["tokens"] - tokens) < 1e-6 * tokens
+    assert abs(t["gpu_hours"] - 6 * t["params"] * tokens / (989e12 * 0.4) / 3600) < 1e-9 * t["gpu_hours"]
+
+    # the table, for people; and a lake without measured runs says how to get one
+    r = run_cli("--lake", lake.url, "plan", "--crawl", CRAWL, "--base-url", f"file://{mirror}/")
+    assert r.returncode == 0 and "100,000 of 100,000 WARC files" in r.stdout and sampled in r.stdout, r.stderr
+    r = run_cli("--lake", str(tmp_path / "empty"), "plan", "--crawl", CRAWL, "--base-url", f"file://{mirror}/")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no measured run of download, "
+                                                                               "filter, dedup, shard"), r.stderr
+    assert "make demo" in r.stderr
