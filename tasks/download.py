@@ -303,7 +303,7 @@ def _http_once(url: str, part: str, params: DownloadParams, on_bytes: Callable[[
                 except (requests.RequestException, OSError) as e:
                     raise _Retryable(f"{url}: connection lost after {out.tell()} bytes: "
                                      f"{type(e).__name__}") from None
-                out.close()
+                out.flush()
                 size = os.path.getsize(part)
                 if total is not None and size != total:
                     raise _Retryable(f"{url}: got {size} of {total} bytes")

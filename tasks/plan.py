@@ -36,8 +36,8 @@ class PlanParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     crawl: str = Field(description="crawl id (CC-MAIN-2024-51) or 'latest'")
-    base_url: str = Field("https://data.commoncrawl.org/",  # tasks.download.DEFAULT_BASE_URL (not imported: --help
-                          description="Common Crawl, or a mirror laid out like it")  # would load requests)
+    base_url: str | None = Field(None, description="a mirror laid out like Common Crawl (default: "
+                                                   "`stage download`'s, Common Crawl itself)")
     segments: int | None = Field(None, ge=1, description="plan for this many WARC files (default: the whole crawl)")
     workers: int = Field(64, ge=1, description="CPU workers the curation runs on (wall hours)")
     model_preset: str = Field("gpt2-small", description="the model to train on the tokens")
@@ -85,20 +85,19 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
         raise PlanError(f"no measured run of {', '.join(missing)} in lake {lake.url}: run the pipeline once "
                         "(`make demo`, or `crawl2model run --preset demo`) to measure what each stage costs",
                         bad_input=True)
-    dl = DownloadParams(crawl=params.crawl, base_url=params.base_url)
+    dl = DownloadParams(crawl=params.crawl, **({"base_url": params.base_url} if params.base_url else {}))
     crawl = resolve_latest_crawl(dl) if params.crawl == "latest" else params.crawl
     paths = list_crawl_paths(dl, crawl)
     files = min(params.segments or len(paths), len(paths))
     sample_path = select_spread(paths, 1, seed=0)[0]
     with tempfile.TemporaryDirectory() as tmp:
         log(f"sampling {sample_path}")
-        stats = fetch(urljoin(params.base_url, sample_path), os.path.join(tmp, "sample.warc.gz"), dl)
+        stats = fetch(urljoin(dl.base_url, sample_path), os.path.join(tmp, "sample.warc.gz"), dl)
     assert stats is not None
     responses = stats.by_type.get("response", 0)
 
     d, f, dd, sh = (runs[k] for k in CURATION)
-    d_records = d.metrics["records"]
-    f_in = _input_metrics(lake, f).get("records", d_records)  # the WARC records the filter read
+    f_in = lake.resolve(f.inputs[0]).metrics["records"]  # the WARC records the filter read (its download's)
     f_docs, dd_in, dd_out = f.metrics["documents"], dd.metrics["input_documents"], dd.metrics["documents"]
     sh_tokens = sh.metrics.get("train_tokens", 0) + sh.metrics.get("val_tokens", 0)
     sh_docs = sh.metrics.get("train_documents", 0) + sh.metrics.get("val_documents", 0)
@@ -146,9 +145,3 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
                     "removes more across a whole crawl than within a sample"],
     }
 
-
-def _input_metrics(lake: Lake, m: Manifest) -> dict:
-    try:
-        return lake.resolve(m.inputs[0]).metrics if m.inputs else {}
-    except Exception:
-        return {}

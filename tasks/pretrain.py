@@ -268,16 +268,7 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
         return train_beside_node_0(lake, params, source, tokenizer_ref, log)
 
     def build(prod: Production) -> None:
-        data = lake.uri(source.kind, source.version)
-        out = prod.uri()  # a path or fsspec URL: checkpoints land in the version, so a rerun resumes
-        tokenizer = lake.file_uri(source, "tokenizer.model")
-        cmd = torchrun_command(params, data, out, tokenizer, run_id=f"pretrain-{prod.version}")
-        # every rank checks the inputs (shapes, vocabulary, resume state) before it builds the
-        # model: bad input ends the launch in seconds, with model.train's one line and exit 2
-        env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
-        log("launching: " + " ".join(cmd))
-        progress = _Progress(params.max_steps, log)
-        run_torchrun(cmd, params.timeout_s, progress, env=env)
+        progress = launch_training(lake, params, source, prod.version, log, "launching")
         with lake.fs.open(prod.path("metrics.json"), "rb") as f:
             history = json.load(f)
         history = history.get("history", history) if isinstance(history, dict) else history
@@ -296,6 +287,22 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
     return run_stage(lake, "pretrain", params.recipe(), [source.ref, tokenizer_ref], CODE_VERSION, build, rebuild=params.rebuild)
 
 
+def launch_training(lake: Lake, params: PretrainParams, source: Manifest, version: str,
+                    log: Callable[[str], None], what: str) -> _Progress:
+    """torchrun -m model.train on the shard version `source`, writing into the pretrain
+    `version`'s folder (a path or fsspec URL, the same on every node: checkpoints land in the
+    version, so a rerun resumes); returns what it reported (progress, timings)."""
+    cmd = torchrun_command(params, lake.uri(source.kind, source.version), lake.uri("pretrain", version),
+                           lake.file_uri(source, "tokenizer.model"), run_id=f"pretrain-{version}")
+    # every rank checks the inputs (shapes, vocabulary, resume state) before it builds the
+    # model: bad input ends the launch in seconds, with model.train's one line and exit 2
+    env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
+    log(f"{what}: " + " ".join(cmd))
+    progress = _Progress(params.max_steps, log)
+    run_torchrun(cmd, params.timeout_s, progress, env=env)
+    return progress
+
+
 def train_beside_node_0(lake: Lake, params: PretrainParams, source: Manifest, tokenizer_ref: str,
                         log: Callable[[str], None], commit_wait_s: float = 600) -> Manifest:
     """Node 1.. of a multi-node run: train in the same rendezvous as node 0, writing into the same
@@ -306,10 +313,8 @@ def train_beside_node_0(lake: Lake, params: PretrainParams, source: Manifest, to
     if (done := lake.manifest("pretrain", version)) is not None:
         log(f"{ref}: already committed, nothing to train")
         return done
-    cmd = torchrun_command(params, lake.uri(source.kind, source.version), lake.uri("pretrain", version),
-                           lake.file_uri(source, "tokenizer.model"), run_id=f"pretrain-{version}")
-    log(f"node {params.node_rank} of {params.nnodes}, training {ref} (node 0 commits it): " + " ".join(cmd))
-    run_torchrun(cmd, params.timeout_s, _Progress(params.max_steps, log), env=torchrun_env(params))
+    launch_training(lake, params, source, version, log,
+                    f"node {params.node_rank} of {params.nnodes}, training {ref} (node 0 commits it)")
     deadline = time.time() + commit_wait_s
     while (done := lake.manifest("pretrain", version)) is None:
         if time.time() > deadline:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 from warcio.archiveiterator import ArchiveIterator
@@ -354,7 +354,7 @@ class RemoteChecker:
         if data:
             self._conn.send_bytes(b"D" + data)
             if self._conn.poll():  # the worker only speaks first when the file is bad
-                self._result(self._conn.recv())
+                self._result(self._receive())
 
     def finish(self) -> WarcStats:
         self._conn.send_bytes(b"F")
@@ -404,15 +404,15 @@ def _check_files(conn) -> None:
         conn.send(outcome)
         replied = True
 
-    def guarded(step) -> bool:
+    def guarded(step):
+        """step()'s result; None once its error was sent, as the file's reply."""
         try:
-            step()
-            return True
+            return step()
         except WarcError as e:
             reply(("error", str(e)))
         except Exception:
             reply(("bug", traceback.format_exc()))
-        return False
+        return None
 
     while True:
         try:
@@ -427,13 +427,8 @@ def _check_files(conn) -> None:
             checker, replied = WarcChecker(body.decode("utf-8", "replace")), False
             started = own_cpu_seconds()
         elif kind == b"F":
-            if not replied:
-                done = {}
-                if guarded(lambda: done.setdefault("stats", checker.finish())):
-                    st = done["stats"]
-                    reply(("ok", {"sha256": st.sha256, "bytes": st.bytes, "gzip_members": st.gzip_members,
-                                  "records": st.records, "by_type": st.by_type,
-                                  "cpu_seconds": own_cpu_seconds() - started}))
+            if not replied and (stats := guarded(checker.finish)) is not None:
+                reply(("ok", {**asdict(stats), "cpu_seconds": own_cpu_seconds() - started}))
             checker = None
         elif kind == b"A":
             checker = None

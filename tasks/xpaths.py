@@ -81,18 +81,18 @@ class _Predicate:
         return name
 
     def expr(self) -> str:
-        parts = [self.conj()]
-        while self.peek() == ("name", "or"):
-            self.take("or")
-            parts.append(self.conj())
-        return parts[0] if len(parts) == 1 else "(" + " or ".join(parts) + ")"
+        return self.chain("or", self.conj)
 
     def conj(self) -> str:
-        parts = [self.atom()]
-        while self.peek() == ("name", "and"):
-            self.take("and")
-            parts.append(self.atom())
-        return parts[0] if len(parts) == 1 else "(" + " and ".join(parts) + ")"
+        return self.chain("and", self.atom)
+
+    def chain(self, op: str, operand) -> str:
+        """operand (op operand)*: `or` binds looser than `and`, as in XPath."""
+        parts = [operand()]
+        while self.peek() == ("name", op):
+            self.take(op)
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else "(" + f" {op} ".join(parts) + ")"
 
     def string(self) -> str:
         """A string argument: `@attr` or `translate(@attr, 'from', 'to')`, as an expression."""
