@@ -161,10 +161,9 @@ def ours_pipeline(warc: Path, out: Path) -> list:
 
     from tasks.filter import FilterParams, build_pipeline
 
-    paths_file = out / "inputs.txt"
     out.mkdir(parents=True, exist_ok=True)
-    paths_file.write_text("\n".join(sorted(p.name for p in warc.glob("*.warc.gz"))) + "\n")
-    return build_pipeline(FilterParams(), DataFolder(str(warc)), str(paths_file), DataFolder(str(out / "data")),
+    paths = sorted(p.name for p in warc.glob("*.warc.gz"))
+    return build_pipeline(FilterParams(), DataFolder(str(warc)), paths, DataFolder(str(out / "data")),
                           DataFolder(str(out / "removed")), CRAWL)
 
 

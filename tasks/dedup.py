@@ -11,12 +11,14 @@ Each step is a datatrove executor run whose completion markers live in the versi
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 from typing import Callable
 
 from pydantic import Field
 
+from tasks.cluster import ExecutorParams, ray_cluster
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
@@ -25,8 +27,8 @@ from tasks.stage import StageParams, document_files, input_ref, resolve_inputs, 
 CODE_VERSION = "dedup/1"
 
 
-class DedupParams(StageParams):
-    """The `dedup` stage. Every field but `workers` is part of the version."""
+class DedupParams(StageParams, ExecutorParams):
+    """The `dedup` stage. Every field but `workers`, `executor` and `ray_address` is part of the version."""
 
     input: str = input_ref("filter")
     exact: bool = Field(True, description="remove exact duplicates of the normalised text first")
@@ -37,10 +39,11 @@ class DedupParams(StageParams):
     seed: int = Field(1, ge=0)
     removed_sample: int = Field(100, ge=0, le=100_000, description="removed documents kept per step and task")
     tasks: int = Field(4, ge=1, le=100_000)
-    workers: int = Field(2, ge=1, le=1024, description="parallel processes (not part of the version)")
+    workers: int = Field(2, ge=1, le=1024, description="parallel processes of the local executor (on Ray the "
+                         "cluster's CPUs); not part of the version")
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers", *self.NOT_IN_VERSION})
 
 
 class DedupError(StageError):
@@ -59,19 +62,18 @@ def text_key(text: str) -> str:
     return hashlib.sha1(simplify_text(text).encode()).hexdigest()
 
 
-def _reader(folder, paths_file: str | None):
-    """Parquet documents: the files listed in `paths_file`, or every *.parquet of `folder`."""
+def _reader(folder, paths: list[str] | None):
+    """Parquet documents: the files listed in `paths`, or every *.parquet of `folder`."""
     from datatrove.pipeline.readers import ParquetReader
 
-    if paths_file:
-        return ParquetReader(folder, paths_file=paths_file, text_key="text", id_key="id")
+    from tasks.steps import ListedParquetReader
+
+    if paths:
+        return ListedParquetReader(folder, paths=paths, text_key="text", id_key="id")
     return ParquetReader(folder, text_key="text", id_key="id", glob_pattern="*.parquet")
 
 
 def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] = print) -> Manifest:
-    import os
-    import tempfile
-
     from datatrove.io import DataFolder
     from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster,
                                           MinhashDedupFilter, MinhashDedupSignature)
@@ -81,7 +83,8 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
     from datatrove.pipeline.writers.parquet import ParquetWriter
     from datatrove.utils.hashing import HashConfig
 
-    from tasks.filter import read_stats, run_datatrove
+    from tasks.filter import read_stats
+    from tasks.filter import run_datatrove as run_on
     from tasks.progress import Progress
     from tasks.steps import Meter, RemovedSample, document_adapter
 
@@ -108,24 +111,22 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
         # one bar for the stage's datatrove runs: tasks of each, in order
         runs = ([tasks, 1, tasks] if params.exact else []) + \
             ([tasks, params.num_buckets, 1, tasks] if params.minhash else [tasks])
-        with tempfile.TemporaryDirectory() as tmp, \
+        with ray_cluster(params, lake) as on_ray, \
                 Progress(f"dedup {prod.ref}", files=sum(runs), unit="tasks") as progress:
-            paths_file = os.path.join(tmp, "inputs.txt")
-            with open(paths_file, "w") as f:
-                f.write("\n".join(inputs) + "\n")
-            current, current_paths = src, paths_file
+            run_datatrove = functools.partial(run_on, on_ray=on_ray, progress=progress)
+            current, current_paths = src, inputs
             if params.exact:
                 run_datatrove([_reader(current, current_paths), Meter("input"),
                                ExactDedupSignature(folder("_work/exact/sigs"), exact_cfg)],
-                              tasks, workers, folder("_work/logs/exact-1"), progress=progress)
+                              tasks, workers, folder("_work/logs/exact-1"))
                 run_datatrove([ExactFindDedups(folder("_work/exact/sigs"), folder("_work/exact/dups"), exact_cfg)],
-                              1, 1, folder("_work/logs/exact-2"), progress=progress)
+                              1, 1, folder("_work/logs/exact-2"))
                 run_datatrove([_reader(current, current_paths),
                                ExactDedupFilter(folder("_work/exact/dups"), exact_cfg, exclusion_writer=removed("exact")),
                                Meter("exact"),
                                ParquetWriter(folder("_work/exact/out"), output_filename="${rank}.parquet",
                                              adapter=document_adapter, compression="zstd")],
-                              tasks, workers, folder("_work/logs/exact-3"), progress=progress)
+                              tasks, workers, folder("_work/logs/exact-3"))
                 current = folder("_work/exact/out")
                 current_paths = None
             if params.minhash:
@@ -136,26 +137,26 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
                 run_datatrove([reader, *([] if params.exact else [Meter("input")]),
                                MinhashDedupSignature(folder("_work/minhash/sigs"), config=mh_cfg,
                                                      language=SpacyEnglishSplitter())],
-                              tasks, workers, folder("_work/logs/minhash-1"), progress=progress)
+                              tasks, workers, folder("_work/logs/minhash-1"))
                 run_datatrove([MinhashDedupBuckets(folder("_work/minhash/sigs"), folder("_work/minhash/buckets"),
                                                    config=mh_cfg)],
-                              params.num_buckets, workers, folder("_work/logs/minhash-2"), progress=progress)
+                              params.num_buckets, workers, folder("_work/logs/minhash-2"))
                 run_datatrove([MinhashDedupCluster(folder("_work/minhash/buckets"), folder("_work/minhash/clusters"),
                                                    config=mh_cfg, save_cluster_id=True, save_cluster_size=True)],
-                              1, 1, folder("_work/logs/minhash-3"), progress=progress)
+                              1, 1, folder("_work/logs/minhash-3"))
                 run_datatrove([reader,
                                MinhashDedupFilter(folder("_work/minhash/clusters"), exclusion_writer=removed("minhash"),
                                                   load_cluster_ids=True, load_cluster_sizes=True),
                                Meter("minhash"),
                                ParquetWriter(folder("data"), output_filename="${rank}.parquet",
                                              adapter=_dedup_adapter, compression="zstd")],
-                              tasks, workers, folder("_work/logs/minhash-4"), progress=progress)
+                              tasks, workers, folder("_work/logs/minhash-4"))
             else:
                 run_datatrove([_reader(current, current_paths),
                                *([] if params.exact else [Meter("input")]),
                                ParquetWriter(folder("data"), output_filename="${rank}.parquet",
                                              adapter=_dedup_adapter, compression="zstd")],
-                              tasks, workers, folder("_work/logs/copy"), progress=progress)
+                              tasks, workers, folder("_work/logs/copy"))
 
         funnel = []
         for sub in ("exact-1", "exact-3", "minhash-1", "minhash-4"):

@@ -33,6 +33,7 @@ import requests
 from pydantic import Field, field_validator, model_validator
 
 from tasks.lake import Lake, Manifest, Production
+from tasks.cluster import ExecutorParams, ray_cluster, ray_map
 from tasks.errors import StageError
 from tasks.progress import Progress
 from tasks.stage import StageParams, cache_dir, run_stage
@@ -48,7 +49,7 @@ class DownloadError(StageError):
     """A transfer or source that failed for good; the message names the URL or file."""
 
 
-class DownloadParams(StageParams):
+class DownloadParams(StageParams, ExecutorParams):
     """What to download. One source: `crawl`, `urls` or `files`; none given means the latest crawl."""
 
     crawl: str | None = Field(None, description="crawl id (CC-MAIN-2024-51) or 'latest' (the default when "
@@ -105,6 +106,9 @@ class DownloadParams(StageParams):
             self.crawl = "latest"
         elif len(given) > 1:
             raise ValueError(f"give one source: crawl, urls or files (got {', '.join(given)})")
+        if self.files and self.executor == "ray":
+            raise ValueError("files are on this machine, which Ray workers elsewhere cannot read: with executor "
+                             "'ray' give urls or a crawl (or `ingest` the files)")
         names = [_file_name(u) for u in (self.urls or self.files)]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -376,17 +380,55 @@ def fetch(url: str, part: str, params: DownloadParams, on_bytes: Callable[[int],
 # --------------------------------------------------------------------------- the stage
 
 
-def _staging_dir(lake: Lake, prod: Production) -> str:
+def _staging_dir(lake: Lake, version_dir: str) -> str:
     """Where partial files live while downloading. In a local lake: the version's own _work
-    folder, so a killed run resumes from the bytes it had. On S3 (no appends): a local cache,
-    per lake and version (the version's lease makes its producer in that lake the only one; two
-    lakes may produce the same version at once)."""
-    if lake.is_local:
-        d = prod.path("_work/download")
-    else:
-        return cache_dir("download", hashlib.sha256(lake.url.encode()).hexdigest()[:16], prod.version)
+    folder, so a killed run resumes from the bytes it had. On S3 (no appends): a local cache of
+    the machine that downloads, per lake and version (the version's lease makes its producer in
+    that lake the only one; two lakes may produce the same version at once)."""
+    if not lake.is_local:
+        return cache_dir("download", hashlib.sha256(lake.url.encode()).hexdigest()[:16], version_dir.rsplit("/", 1)[-1])
+    d = f"{version_dir}/_work/download"
     os.makedirs(d, exist_ok=True)
     return d
+
+
+class _Silent:
+    """The progress of a download on a Ray worker: the stage's process counts it as results come back."""
+
+    def advance_bytes(self, n: int) -> None:
+        pass
+
+    def advance_files(self, n: int) -> None:
+        pass
+
+
+def download_on_node(src: Source, lake: Lake, version_dir: str, params: DownloadParams) -> tuple[str | None, dict]:
+    """One file, on a Ray worker: fetched and checked where the worker is, then into the lake. A
+    local lake (every node sees it) keeps the file in the version's _work folder for the stage's
+    process to move in, as the local executor does; an S3 lake gets it from the worker, and the
+    stage adopts it (no local path comes back)."""
+    done, info = download_one(src, _staging_dir(lake, version_dir), params, _Silent(), lambda m: None)
+    if lake.is_local:
+        return done, info
+    sha256, size = lake.upload(done, f"{version_dir}/{src.name}", f"writing {src.name}")
+    os.remove(done)
+    if sha256 != info["sha256"]:
+        raise DownloadError(f"{src.name}: changed while it was copied into the lake")
+    return None, info
+
+
+def _download_here(todo: list[Source], staging: str, params: DownloadParams, progress: Progress,
+                   log: Callable[[str], None]) -> list[tuple[str, dict]]:
+    """The local executor: transfers in threads, their checks in processes (every core checks)."""
+    checks = min(params.concurrency, len(todo), os.cpu_count() or 1)
+    with CheckerProcesses(checks) as checkers, ThreadPoolExecutor(max_workers=params.concurrency) as pool:
+        futures = [pool.submit(download_one, s, staging, params, progress, log, checkers) for s in todo]
+        try:
+            return [fut.result() for fut in as_completed(futures)]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def download_one(src: Source, staging: str, params: DownloadParams, progress: Progress,
@@ -429,28 +471,27 @@ def download(lake: Lake, params: DownloadParams, log: Callable[[str], None] | No
             picked = select_spread(paths, params.segments, params.seed)
             todo = [Source(urljoin(params.base_url, p), _file_name(p)) for p in picked]
             prod.metrics["crawl_files"] = len(paths)
-        staging = _staging_dir(lake, prod)
-        results = []
-        # transfers in threads, their checks in processes: every core checks (CheckerProcesses)
-        checks = min(params.concurrency, len(todo), os.cpu_count() or 1)
-        with Progress(f"download {prod.ref}", files=len(todo)) as progress, \
-                CheckerProcesses(checks) as checkers, ThreadPoolExecutor(max_workers=params.concurrency) as pool:
-            futures = {pool.submit(download_one, s, staging, params, progress, log, checkers): s for s in todo}
+        staging = _staging_dir(lake, prod.dir)
+        with Progress(f"download {prod.ref}", files=len(todo)) as progress, ray_cluster(params, lake) as on_ray:
             try:
-                for fut in as_completed(futures):
-                    results.append(fut.result())
+                if on_ray:
+                    results = []
+                    calls = ((s, lake, prod.dir, params) for s in todo)
+                    for local, info in ray_map(download_on_node, calls, f"download {prod.ref}"):
+                        progress.advance_bytes(info["bytes_fetched"])
+                        progress.advance_files(1)
+                        results.append((local, info))
+                else:
+                    results = _download_here(todo, staging, params, progress, log)
             except WarcError as e:
-                for f in futures:
-                    f.cancel()
                 if params.files:  # a damaged file the user gave is bad input; a transfer's damage is not
                     e.exit_status = 2
                 raise
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
         for local, info in sorted(results, key=lambda r: r[1]["name"]):
-            prod.add_file(local, info["name"], info["sha256"], move=lake.is_local)
+            if local is None:  # put into the lake by a Ray worker
+                prod.adopt(info["name"], info["sha256"], info["bytes"])
+            else:
+                prod.add_file(local, info["name"], info["sha256"], move=lake.is_local)
         files = [info for _, info in sorted(results, key=lambda r: r[1]["name"])]
         prod.metrics.update({
             "files": len(files), "bytes": sum(f["bytes"] for f in files),

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 
+from tasks.cluster import ExecutorParams, executor_for, ray_cluster
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
@@ -73,8 +72,8 @@ class FineWebQuality(Strict):
     new_line_ratio: float = Field(0.3, ge=0, le=1)
 
 
-class FilterParams(StageParams):
-    """The `filter` stage. Every field but `workers` is part of the version."""
+class FilterParams(StageParams, ExecutorParams):
+    """The `filter` stage. Every field but `workers`, `executor` and `ray_address` is part of the version."""
 
     input: str = input_ref("download")
     extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
@@ -91,7 +90,8 @@ class FilterParams(StageParams):
     pii: bool = Field(True, description="mask e-mail addresses and public IP addresses")
     removed_sample: int = Field(100, ge=0, le=100_000, description="removed documents kept per filter and task")
     tasks: int = Field(4, ge=1, le=100_000, description="datatrove tasks (output files)")
-    workers: int = Field(2, ge=1, le=1024, description="parallel processes (not part of the version)")
+    workers: int = Field(2, ge=1, le=1024, description="parallel processes of the local executor (on Ray the "
+                         "cluster's CPUs); not part of the version")
 
     @field_validator("languages")
     @classmethod
@@ -104,7 +104,7 @@ class FilterParams(StageParams):
         return sorted(set(v))
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers", *self.NOT_IN_VERSION})
 
 
 class FilterError(StageError):
@@ -112,7 +112,7 @@ class FilterError(StageError):
 
 
 # Points of the funnel, in pipeline order: (meter name, the step it follows).
-def build_pipeline(params: FilterParams, warc_folder, paths_file: str, out_folder, removed_folder,
+def build_pipeline(params: FilterParams, warc_folder, paths: list[str], out_folder, removed_folder,
                    crawl: str) -> list:
     from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter
     from datatrove.pipeline.formatters import PIIFormatter
@@ -128,7 +128,7 @@ def build_pipeline(params: FilterParams, warc_folder, paths_file: str, out_folde
     def removed(name: str):
         return RemovedSample(removed_folder, name, cap=params.removed_sample) if params.removed_sample else None
 
-    steps: list = [WarcHtmlReader(warc_folder, paths_file=paths_file, default_metadata={"crawl": crawl}),
+    steps: list = [WarcHtmlReader(warc_folder, paths=paths, default_metadata={"crawl": crawl}),
                    Meter("html")]
     if params.url_filter:
         steps += [CompactURLFilter(exclusion_writer=removed("url")), Meter("url")]
@@ -207,20 +207,19 @@ def funnel_markdown(funnel: list[dict]) -> str:
 
 
 def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str | None = None,
-                  progress=None) -> None:
-    """Run a datatrove pipeline on the local executor (completion markers in `logs_folder`, so a
-    rerun skips finished tasks), showing finished tasks as a progress bar and artifact: its own,
-    or `progress` (a `tasks.progress.Progress` that a stage of several runs shares)."""
+                  progress=None, on_ray: bool = False) -> None:
+    """Run a datatrove pipeline on this machine's processes, or on the Ray cluster joined by
+    `tasks.cluster.ray_cluster` when `on_ray` (completion markers in `logs_folder`, so a rerun skips
+    finished tasks), showing finished tasks as a progress bar and artifact: its own, or `progress`
+    (a `tasks.progress.Progress` that a stage of several runs shares)."""
     if title is None:  # <lake>/<kind>/<version>/_work/logs/<step>: "dedup@<version> exact-1"
         kind, version, *_, step = logs_folder.path.rstrip("/").split("/")[-5:]
         title = f"{kind}@{version} {step}"
     import threading
 
     from tasks.progress import Progress
-    from tasks.steps import FailFastExecutor
 
-    executor = FailFastExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                logging_dir=logs_folder, skip_completed=True)
+    executor = executor_for(on_ray, pipeline, tasks, workers, logs_folder)
     stop = threading.Event()
     with contextlib.nullcontext(progress) if progress else Progress(title, files=tasks, unit="tasks") as progress:
         def poll() -> None:
@@ -261,14 +260,10 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
         def folder(sub: str) -> DataFolder:
             return lake.data_folder(prod.path(sub))
 
-        with tempfile.TemporaryDirectory() as tmp:
-            paths_file = os.path.join(tmp, "inputs.txt")
-            with open(paths_file, "w") as f:
-                f.write("\n".join(paths) + "\n")
-            pipeline = build_pipeline(params, lake.data_folder(lake.path(source.kind, source.version)),
-                                      paths_file, folder("data"), folder("removed"),
-                                      source.params.get("crawl", "") or "")
-            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref)
+        pipeline = build_pipeline(params, lake.data_folder(lake.path(source.kind, source.version)), paths,
+                                  folder("data"), folder("removed"), source.params.get("crawl", "") or "")
+        with ray_cluster(params, lake) as on_ray:
+            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref, on_ray=on_ray)
         funnel, counters = read_stats(folder("_work/logs"))
         prod.metrics.update({"funnel": funnel_rows(funnel), "documents": funnel[-1]["documents"],
                              "bytes": funnel[-1]["bytes"], "reader": counters.get("🕷 WARC html", {}),

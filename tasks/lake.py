@@ -39,6 +39,7 @@ MANIFEST = "_MANIFEST.json"
 ALIASES = "_aliases"
 LEASES = "_lease"
 WORK = "_work"
+PROBES = "_probes"
 LATEST = "latest"
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")          # kinds
@@ -316,6 +317,58 @@ class Lake:
                 bucket = self.root.split("/", 1)[0]
                 if not self.fs.exists(bucket):
                     raise LakeError(f"cannot reach lake {self.url}: bucket {bucket!r} does not exist")
+
+    # -- writing files (a Production's, or a worker's on its behalf) ------------
+    @contextlib.contextmanager
+    def write_file(self, path: str, what: str) -> Iterator[Any]:
+        """A binary file at `path`, hashed as it is written: `digest()` of what was yielded gives
+        (sha256, bytes) once the block ends. Only storage calls are wrapped in `_io`: an exception
+        the caller raises inside the block (a bug in a stage, say) passes through as itself."""
+        h, size = hashlib.sha256(), 0
+        with self._io(what):
+            f = self.fs.open(path, "wb")
+        lake = self
+
+        class _Hashing:
+            def write(_, data: bytes) -> int:
+                nonlocal size
+                h.update(data)
+                size += len(data)
+                with lake._io(what):
+                    return f.write(data)
+
+            def digest(_) -> tuple[str, int]:
+                return h.hexdigest(), size
+
+            def __getattr__(_, attr):
+                return getattr(f, attr)
+        try:
+            yield _Hashing()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        with self._io(what):
+            f.close()
+
+    def upload(self, local_path: str, path: str, what: str | None = None) -> tuple[str, int]:
+        """Copy a local file to `path` in the lake; returns its (sha256, bytes)."""
+        with open(local_path, "rb") as src, self.write_file(path, what or f"writing {path}") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        return dst.digest()
+
+    def write_probe(self) -> str:
+        """A small file that other machines (a Ray cluster's nodes) look for, to tell whether they
+        see this lake; `remove_probe` it after. Under `_probes/`, which is no kind."""
+        path = self.path(PROBES, uuid.uuid4().hex)
+        with self._io("writing a probe file"):
+            self.fs.pipe_file(path, b"crawl2model: can this machine see the lake?\n")
+        return path
+
+    def remove_probe(self, path: str) -> None:
+        with contextlib.suppress(Exception):
+            self.fs.rm_file(path)
 
     # -- reading ---------------------------------------------------------------
     def kinds(self) -> list[str]:
@@ -657,33 +710,13 @@ class Production:
         """Open a file of this version for writing, hashing it as it is written."""
         if "w" not in mode or "b" not in mode:
             raise ValueError("Production.open writes binary files; read through Lake.open")
-        h, size = hashlib.sha256(), 0
-        what = f"writing {name}"
-        # Only the storage calls are wrapped in _io: an exception the caller raises inside the
-        # `with` block (a bug in a stage, say) passes through as itself, not as an outage.
-        with self.lake._io(what):
-            f = self.lake.fs.open(self.path(name), mode)
-        lake = self.lake
+        with self.lake.write_file(self.path(name), f"writing {name}") as f:
+            yield f
+        self.written[safe_relpath(name)] = f.digest()
 
-        class _Hashing:
-            def write(_, data: bytes) -> int:
-                nonlocal size
-                h.update(data)
-                size += len(data)
-                with lake._io(what):
-                    return f.write(data)
-
-            def __getattr__(_, attr):
-                return getattr(f, attr)
-        try:
-            yield _Hashing()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                f.close()
-            raise
-        with self.lake._io(what):
-            f.close()
-        self.written[safe_relpath(name)] = (h.hexdigest(), size)
+    def adopt(self, name: str, sha256: str, size: int) -> None:
+        """A file of this version that a worker elsewhere (a Ray task) wrote with `Lake.upload`."""
+        self.written[safe_relpath(name)] = (sha256, size)
 
     def add_file(self, local_path: str, name: str, sha256: str, move: bool = False) -> None:
         """Bring a finished local file into this version. `sha256` is its known digest (the
@@ -700,9 +733,7 @@ class Production:
             raise LakeError(f"{name}: changed while it was copied into the lake")
 
     def put_file(self, local_path: str, name: str) -> None:
-        with open(local_path, "rb") as src, self.open(name) as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        self.written[safe_relpath(name)] = self.lake.upload(local_path, self.path(name), f"writing {name}")
 
     def _file_list(self) -> list[dict]:
         base, files = self.dir, []

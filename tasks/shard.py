@@ -10,6 +10,8 @@ Both passes run on `threads` processes (one per core): a row group of the input 
 tokenised, and a bucket sorted and compressed, by a worker; the stage process writes their
 results in input order, so the shards are the same bytes whatever the number of processes
 (threads of sentencepiece alone left most of the work, Python's and Arrow's, on one core).
+With executor `ray`, pass 1 (the tokenising: most of the CPU) runs as Ray tasks on the cluster;
+pass 2 reads the buckets pass 1 left on this machine's disk, so it stays on its processes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from tasks.cluster import ExecutorParams, ray_cluster, ray_map
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
 from tasks.stage import StageParams, document_files, input_ref, resolve_inputs, run_stage
@@ -35,7 +38,7 @@ from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, load, tok
 CODE_VERSION = "shard/2"  # 2: at least one validation document whenever there can be one
 
 
-class ShardParams(StageParams):
+class ShardParams(StageParams, ExecutorParams):
     """The `shard` stage."""
 
     input: str = input_ref("dedup", "filter")
@@ -48,7 +51,7 @@ class ShardParams(StageParams):
                          "(not part of the version: the shards are the same bytes)")
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "threads"})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "threads", *self.NOT_IN_VERSION})
 
 
 MIN_DOCUMENTS_FOR_WORKERS = 1000  # fewer: one process (workers cost about a second to start)
@@ -101,6 +104,13 @@ def tokenise_batch(source: tuple, model_path: str, bos: int, dtype_name: str, va
         tables[where] = pa.table({"key": list(keys), "id": list(doc_ids), "tokens": pa.array(toks, type=pa.list_(dtype))},
                                  schema=_schema(dtype))
     return tables, first
+
+
+def tokenise_on_node(lake: Lake, tokenizer: str, source: tuple, *rest) -> tuple:
+    """Pass 1 on a Ray worker: `tokenise_batch` with the lake's filesystem and the tokenizer as
+    that machine sees them (an S3 lake's tokenizer is copied to its cache once)."""
+    _use_fs(lake.fs)
+    return tokenise_batch(source, tokenizer_path(lake, tokenizer), *rest)
 
 
 def _bucket(buckets: dict[str, int], split: str, key: float) -> int:
@@ -177,7 +187,8 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
         # worker processes only when there is more than one batch to share (their start-up costs
         # about a second); the bytes are the same either way
         processes = params.threads if source.metrics["documents"] > MIN_DOCUMENTS_FOR_WORKERS else 1
-        with tempfile.TemporaryDirectory() as tmp, _InOrder(processes, _use_fs, (lake.fs,)) as workers:
+        with tempfile.TemporaryDirectory() as tmp, _InOrder(processes, _use_fs, (lake.fs,)) as workers, \
+                ray_cluster(params, lake) as on_ray:
             writers: dict[tuple[str, int], pq.ParquetWriter] = {}
             docs = {"train": 0, "val": 0}
             first = (2.0, "")  # (val hash, id) of the document likeliest to go to validation
@@ -190,7 +201,12 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
                         yield ((lake.path(source.kind, source.version, path), g), model_path, special[BOS],
                                dtype_name, params.val_fraction, params.seed, buckets)
 
-            for tables, batch_first in workers.map(tokenise_batch, row_groups()):
+            if on_ray:  # the same calls, but the tokenizer as each node sees it
+                batches = ray_map(tokenise_on_node, ((lake, tok.ref, call[0], *call[2:]) for call in row_groups()),
+                                  f"shard {prod.ref}: tokenising")
+            else:
+                batches = workers.map(tokenise_batch, row_groups())
+            for tables, batch_first in batches:
                 first = min(first, batch_first)
                 for (split, b), table in tables.items():
                     if (split, b) not in writers:

@@ -33,6 +33,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.pipeline.filters.url_filter import URLFilter
+from datatrove.pipeline.readers import ParquetReader
 from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.writers.parquet import ParquetWriter
 from datatrove.utils.logging import logger
@@ -81,7 +82,31 @@ def decode_html(body: bytes, content_type: str | None) -> tuple[str | None, str]
     return None, "undecodable"
 
 
-class WarcHtmlReader(BaseDiskReader):
+class ListedFiles:
+    """For datatrove readers: the files to read given as a list (`paths=`), which travels with the
+    pipeline to a worker on any machine; a `paths_file` is on one machine's disk. Each task writes
+    the list to a temporary paths file of its own and datatrove shards it as usual (file i to
+    task i mod tasks)."""
+
+    def __init__(self, *args, paths: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paths = list(paths)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+            f.write("".join(p + "\n" for p in self.paths))
+            f.flush()
+            self.paths_file = f.name
+            yield from super().run(data, rank, world_size)
+
+
+class ListedParquetReader(ListedFiles, ParquetReader):
+    """datatrove's ParquetReader over a list of files."""
+
+
+class WarcHtmlReader(ListedFiles, BaseDiskReader):
     """HTML responses (and WET text conversions) from WARC files, one document each."""
 
     name = "🕷 WARC html"

@@ -318,12 +318,11 @@ def test_a_stage_counts_the_cpu_of_its_datatrove_workers(shared_data, tmp_path):
     from tasks.filter import build_pipeline
     from tasks.steps import FailFastExecutor
 
-    paths = tmp_path / "inputs.txt"
-    paths.write_text("wget-sample-0000.warc.gz\nwget-sample-0001.warc.gz\ncc-main-2020-34-excerpt.warc.gz\n")
+    paths = ["wget-sample-0000.warc.gz", "wget-sample-0001.warc.gz", "cc-main-2020-34-excerpt.warc.gz"]
 
     def pipeline(name: str) -> list:
         out = tmp_path / name
-        return build_pipeline(FilterParams(), DataFolder(str(shared_data / "warc")), str(paths),
+        return build_pipeline(FilterParams(), DataFolder(str(shared_data / "warc")), paths,
                               DataFolder(str(out / "data")), DataFolder(str(out / "removed")), "CC-TEST")
 
     pipeline("warm")  # one-off loads (the blocklist, spaCy's rules) outside both measures

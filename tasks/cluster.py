@@ -1,0 +1,277 @@
+"""Where a data stage's parallel work runs: this machine's processes (`executor: local`, the
+default) or a Ray cluster (`executor: ray`), for download, filter, dedup and shard.
+
+On Ray, datatrove's tasks run through `RayExecutor` (datatrove's `RayPipelineExecutor` with a run
+loop of our own, below) and the other stages' work as Ray tasks (`ray_map`). The executor is not
+part of a version: a stage commits the same files wherever it ran.
+
+Workers share data through the lake. Before any work, `ray_cluster` runs a probe on every node of
+the cluster: each must see the lake (a local-folder lake works only when every node sees the folder)
+and run the same crawl2model code as this process; otherwise the stage stops with one line naming
+the node. Workers get the lake's filesystem (credentials and all, from the environment or the
+Prefect Secret block) with the work they are sent, and this process's `AWS_*`, `CRAWL2MODEL_*` and
+`HF_*` variables. When the stage stops (finished, failed, cancelled, killed) its Ray tasks stop
+too: pending ones are cancelled, and Ray ends a dead driver's tasks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Iterator, Literal
+
+from datatrove.executor.ray import RayPipelineExecutor
+from pydantic import Field, model_validator
+
+from common.process import own_cpu_seconds, report_worker_cpu
+from tasks.errors import BadInput, StageError
+from tasks.lake import Lake
+from tasks.stage import Strict, TaskDied
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+LOCAL = "local"  # --ray-address local: start a Ray instance on this machine (loopback only)
+RETRIES = 2  # a task whose Ray worker dies is run again this many times before the stage fails
+FORWARDED_ENV = ("AWS_", "CRAWL2MODEL_", "HF_")
+
+
+class ExecutorParams(Strict):
+    """Where the work runs: a field group of every data stage's parameters (not part of a version)."""
+
+    executor: Literal["local", "ray"] = Field(
+        "local", description="where the work runs: this machine's processes, or the Ray cluster at ray_address "
+        "(not part of the version)")
+    ray_address: str | None = Field(
+        None, description=f"the Ray cluster to join (host:port of its head, or ray://...); 'local' starts one "
+        f"on this machine; default ${RAY_ADDRESS_ENV}")
+
+    NOT_IN_VERSION: ClassVar[frozenset[str]] = frozenset({"executor", "ray_address"})
+
+    @model_validator(mode="after")
+    def _ray_address(self):
+        if self.executor == "ray" and not (self.ray_address or os.environ.get(RAY_ADDRESS_ENV)):
+            raise ValueError(f"executor 'ray' needs a cluster: set ${RAY_ADDRESS_ENV} or ray_address "
+                             "(host:port of its head, or 'local' to start one on this machine)")
+        if self.executor == "local" and self.ray_address:
+            raise ValueError("ray_address is for executor 'ray' (this run's executor is 'local')")
+        return self
+
+
+# --------------------------------------------------------------------------- joining a cluster
+
+
+def _code_digest() -> str:
+    """What this process's crawl2model code is: a hash of the tasks/ and common/ sources. Every
+    Ray node must run the same code, or a stage would commit files another version wrote."""
+    import common
+    import tasks
+
+    h = hashlib.sha256()
+    for pkg in (tasks, common):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root.parent)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _probe_node(lake: Lake, probe: str) -> dict:
+    """Run on one node: can it see the lake (the file the driver just wrote there), and which code
+    does it run."""
+    try:
+        sees = lake.fs.exists(probe)
+    except Exception:  # an unreachable S3 endpoint, say: the node cannot see the lake
+        sees = False
+    return {"host": socket.gethostname(), "sees_lake": sees, "code": _code_digest()}
+
+
+def _check_reachable(address: str) -> None:
+    """A head that does not answer is one line now, not a minute of Ray's own retries."""
+    if "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise BadInput(f"invalid ray_address {address!r}: no Ray head answers there ({e})") from None
+
+
+@contextlib.contextmanager
+def ray_cluster(params: ExecutorParams, lake: Lake) -> Iterator[bool]:
+    """Join the stage's Ray cluster for the `with` block (yields True), or do nothing for the local
+    executor (yields False). Checks every node before any work (see the module's docstring)."""
+    if params.executor != "ray":
+        yield False
+        return
+    address = params.ray_address or os.environ[RAY_ADDRESS_ENV]
+    if address == LOCAL:
+        # Ray binds its daemons to every interface unless the node is loopback-only, which this
+        # (read when ray is first imported) makes it; a cluster of one machine needs nothing else.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    else:
+        _check_reachable(address)
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    owned = not ray.is_initialized()
+    if owned:
+        kwargs = dict(include_dashboard=False, _node_ip_address="127.0.0.1") if address == LOCAL else {}
+        try:
+            ray.init(address=None if address == LOCAL else address, runtime_env={"env_vars": env},
+                     log_to_driver=False, logging_level=logging.WARNING, configure_logging=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise StageError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    try:
+        nodes = _check_nodes(lake)
+        from tasks.report import runtime
+
+        runtime().logger().info("on the Ray cluster at %s: %d node(s), %d CPUs, each sees the lake", address,
+                                len(nodes), int(sum(n["Resources"].get("CPU", 0) for n in nodes)))
+        yield True
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _check_nodes(lake: Lake) -> list[dict]:
+    """Every live node of the cluster sees the lake and runs this code; returns them (`ray.nodes()`)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    probe = lake.write_probe()
+    try:
+        probe_task = ray.remote(_probe_node)
+        found = ray.get([probe_task.options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                         n["NodeID"], soft=False)).remote(lake, probe) for n in nodes], timeout=120)
+    finally:
+        lake.remove_probe(probe)
+    mine = _code_digest()
+    for node, seen in zip(nodes, found):
+        where = f"Ray node {node['NodeManagerAddress']} ({seen['host']}, node id {node['NodeID'][:12]})"
+        if not seen["sees_lake"]:
+            raise BadInput(f"{where} cannot see the lake {lake.url}: with executor 'ray' every node works in "
+                           "the lake, so it must be on S3 or in a folder every node mounts at the same path")
+        if seen["code"] != mine:
+            raise BadInput(f"{where} runs other crawl2model code than this process (code {seen['code']} there, "
+                           f"{mine} here): install the same version on every node")
+    return nodes
+
+
+# --------------------------------------------------------------------------- running work on it
+
+
+def _reraise(e: BaseException, what: str) -> None:
+    """A Ray error as the stage reports it: the task's own exception (a StageError stays one
+    line), or one line for a worker that died more often than Ray retries it."""
+    import ray.exceptions as rx
+
+    if isinstance(e, rx.RayTaskError):
+        from multiprocess.pool import RemoteTraceback
+
+        raise e.cause from RemoteTraceback(str(e))
+    if isinstance(e, rx.RayError):
+        raise TaskDied(f"{what}: {type(e).__name__} ({str(e).splitlines()[0] if str(e) else 'no detail'}) "
+                       f"after {RETRIES} retries; the tasks that finished are kept, rerun to resume") from None
+    raise e
+
+
+def _timed(fn: Callable, *args):
+    """Run on a Ray worker: the call's result and the CPU seconds it took there."""
+    cpu = own_cpu_seconds()
+    out = fn(*args)
+    return out, own_cpu_seconds() - cpu
+
+
+def ray_map(fn: Callable, calls: Iterable[tuple], what: str, window: int | None = None,
+            num_cpus: float = 1) -> Iterator:
+    """`fn(*call)` for every call as Ray tasks, results yielded in the order of the calls, at most
+    `window` in flight (default: twice the cluster's CPUs). A task whose worker dies is retried
+    (`RETRIES`); the CPU each task spent is added to the stage's. Pending tasks are cancelled
+    when the caller stops early or fails."""
+    import ray
+    from collections import deque
+
+    remote = ray.remote(_timed).options(num_cpus=num_cpus, max_retries=RETRIES, retry_exceptions=False)
+    window = window or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    fn_ref = ray.put(fn)
+    pending: deque = deque()
+    try:
+        for args in calls:
+            pending.append(remote.remote(fn_ref, *args))
+            if len(pending) >= window:
+                yield _result(pending.popleft(), what)
+        while pending:
+            yield _result(pending.popleft(), what)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def _result(ref, what: str):
+    import ray
+
+    try:
+        out, cpu = ray.get(ref)
+    except Exception as e:
+        _reraise(e, what)
+    report_worker_cpu(cpu)
+    return out
+
+
+def _run_rank(executor: "RayExecutor", rank: int) -> None:
+    executor._run_for_rank(rank)
+
+
+class RayExecutor(RayPipelineExecutor):
+    """datatrove's `RayPipelineExecutor` with a run loop of our own, as `FailFastExecutor` is its
+    local one. datatrove 0.10.1's loop runs each rank in a process pool inside a Ray actor (a
+    pool child killed by the out-of-memory killer hangs it for good), returns normally when ranks
+    failed ("Only X/Y tasks completed") and polls every 10 s. Here each rank is one Ray task in a
+    Ray worker process: Ray retries it when that process dies, a rank that still fails fails the
+    run with one line, and the run ends only when datatrove's completion markers say every rank
+    is done."""
+
+    def __init__(self, pipeline: list, tasks: int, logging_dir, skip_completed: bool = True):
+        # Ray's own scheduler keeps the cluster's CPUs busy: no memory reservation (datatrove's
+        # default, 2 GB a task, would idle CPUs on a small node) and no cap on tasks in flight
+        from datatrove.utils.logging import logger
+
+        logger.disable("datatrove.executor.ray")  # its warning that a local logging_dir must be shared:
+        try:  # `ray_cluster` checked that every node sees the lake
+            super().__init__(pipeline, tasks=tasks, logging_dir=logging_dir, skip_completed=skip_completed,
+                             mem_per_cpu_gb=0)
+        finally:
+            logger.enable("datatrove.executor.ray")
+
+    def run(self):
+        from datatrove.utils.logging import logger
+
+        ranks = self.get_incomplete_ranks(range(self.tasks))
+        if not ranks:
+            logger.info(f"Not doing anything as all {self.tasks} tasks have already been completed.")
+            return
+        self.save_executor_as_json()
+        import ray
+
+        me = ray.put(self)  # sent once; each task gets its own copy of the pipeline
+        for _ in ray_map(_run_rank, ((me, rank) for rank in ranks), f"datatrove task of {self.tasks}",
+                         window=len(ranks), num_cpus=self.cpus_per_task):
+            pass
+        missing = self.get_incomplete_ranks(range(self.tasks))
+        if missing:  # a task that returned without its marker: never commit on it
+            raise TaskDied(f"datatrove tasks {missing[:5]} of {self.tasks} left no completion marker; rerun to resume")
+
+
+def executor_for(on_ray: bool, pipeline: list, tasks: int, workers: int, logs_folder):
+    """The datatrove executor of one run: `RayExecutor` inside `ray_cluster`, else this
+    machine's `FailFastExecutor` with `workers` processes."""
+    if on_ray:
+        return RayExecutor(pipeline, tasks=tasks, logging_dir=logs_folder)
+    from tasks.steps import FailFastExecutor
+
+    return FailFastExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+                            logging_dir=logs_folder, skip_completed=True)
+
