@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import socket
+from collections import Counter
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator, Literal
 
@@ -127,9 +128,12 @@ def ray_cluster(params: ExecutorParams, lake: Lake) -> Iterator[bool]:
         nodes = _check_nodes(lake)
         from tasks.report import runtime
 
-        runtime().logger().info("on the Ray cluster at %s: %d node(s), %d CPUs, each sees the lake", address,
-                                len(nodes), int(sum(n["Resources"].get("CPU", 0) for n in nodes)))
+        log = runtime().logger()
+        log.info("on the Ray cluster at %s: %d node(s), %d CPUs, each sees the lake", address,
+                 len(nodes), int(sum(n["Resources"].get("CPU", 0) for n in nodes)))
+        _TASKS_ON.clear()
         yield True
+        log.info("%d Ray task(s) ran on %d node(s)", sum(_TASKS_ON.values()), len(_TASKS_ON))
     finally:
         if owned:
             ray.shutdown()
@@ -179,10 +183,15 @@ def _reraise(e: BaseException, what: str) -> None:
 
 
 def _timed(fn: Callable, *args):
-    """Run on a Ray worker: the call's result and the CPU seconds it took there."""
+    """Run on a Ray worker: the call's result, the CPU seconds it took there and the node."""
+    import ray
+
     cpu = own_cpu_seconds()
     out = fn(*args)
-    return out, own_cpu_seconds() - cpu
+    return out, own_cpu_seconds() - cpu, ray.get_runtime_context().get_node_id()
+
+
+_TASKS_ON: Counter = Counter()  # node id -> tasks of this stage that ran there (logged at its end)
 
 
 def ray_map(fn: Callable, calls: Iterable[tuple], what: str, window: int | None = None,
@@ -214,10 +223,11 @@ def _result(ref, what: str):
     import ray
 
     try:
-        out, cpu = ray.get(ref)
+        out, cpu, node = ray.get(ref)
     except Exception as e:
         _reraise(e, what)
     report_worker_cpu(cpu)
+    _TASKS_ON[node] += 1
     return out
 
 
@@ -253,6 +263,8 @@ class RayExecutor(RayPipelineExecutor):
         if not ranks:
             logger.info(f"Not doing anything as all {self.tasks} tasks have already been completed.")
             return
+        if len(ranks) < self.tasks:
+            logger.info(f"Skipping {self.tasks - len(ranks)} already completed tasks")
         self.save_executor_as_json()
         import ray
 
