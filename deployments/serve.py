@@ -22,13 +22,14 @@ GRACE_S = 6.0  # then everything below us is killed: the whole stop stays under 
 
 
 def runner_deployments() -> list:
-    from flows.pipeline import pipeline
-    from flows.stages import FLOWS
+    import importlib
+
     from deployments.spec import deployments
 
     out = []
     for d in deployments():
-        fl = pipeline if d["entrypoint"].endswith(":pipeline") else FLOWS[d["name"]]
+        path, name = d["entrypoint"].split(":")  # flows/stages.py:download -> flows.stages, download
+        fl = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
         kw = {"parameters": d["parameters"]} if "parameters" in d else {}
         if "schedule" in d:
             from prefect.schedules import Cron

@@ -1,5 +1,5 @@
 """The deployments, derived from the stage registry: one per stage (on the stage's work pool)
-plus the pipeline, on demand and weekly. `prefect.yaml` at the root (Prefect's convention) is
+plus the pipeline, on demand and weekly, and `plan`. `prefect.yaml` at the root (Prefect's convention) is
 written from this by `python -m deployments.spec`; a test fails when the file is stale.
 deployments/serve.py serves the same list without workers."""
 
@@ -28,6 +28,8 @@ def deployments() -> list[dict]:
          "description": "The whole pipeline, every stage's parameters in one form."},
         *({"name": s.name, "entrypoint": f"flows/stages.py:{s.name}", "pool": s.pool, "tags": ["stage"],
            "description": s.description[:1].upper() + s.description[1:] + "."} for s in STAGES.values()),
+        {"name": "plan", "entrypoint": "flows/plan.py:plan", "pool": "data", "tags": ["plan"],
+         "description": "What a whole crawl will cost (crawl2model plan), as a markdown artifact."},
     ]
 
 

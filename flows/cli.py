@@ -309,6 +309,7 @@ def cmd_plan(lake: Lake, args) -> int:
     out.print(f"documents: {p['documents_after_filter']:,.0f} after filter, {p['documents_after_dedup']:,.0f} after "
               f"dedup; tokens {p['tokens']:,.0f}; stored {p['storage_tb']:,.1f} TB"
               + ("" if p["storage_usd_per_month"] is None else f" ({p['storage_usd_per_month']:,.0f} USD/month)"))
+    out.print("storage: " + "; ".join(p["storage_notes"]))
     out.print("assumed: " + "; ".join(p["assumed"]))
     return 0
 

@@ -39,6 +39,9 @@ class PlanParams(BaseModel):
     base_url: str | None = Field(None, description="a mirror laid out like Common Crawl (default: "
                                                    "`stage download`'s, Common Crawl itself)")
     segments: int | None = Field(None, ge=1, description="plan for this many WARC files (default: the whole crawl)")
+    bytes_per_file: int | None = Field(None, ge=1, description="assume each WARC file is this many bytes, its "
+                                       "records in the sample's proportion (default: the sampled file's own size; "
+                                       "set it when the sample is an excerpt)")
     workers: int = Field(64, ge=1, description="CPU workers the curation runs on (wall hours)")
     model_preset: str = Field("gpt2-small", description="the model to train on the tokens")
     gpus: int = Field(8, ge=1)
@@ -56,6 +59,36 @@ class PlanParams(BaseModel):
         if v not in PRESETS:
             raise ValueError(f"unknown model preset {v!r} (one of {', '.join(PRESETS)})")
         return v
+
+
+# WET bytes per WARC byte: the one Common Crawl WARC/WET pair of the same page we hold (CC-MAIN-2024-22,
+# commoncrawl/whirlwind-python: 3,006 / 18,857 bytes); an assumption for a whole crawl, and said so.
+WET_PER_WARC = 3006 / 18857
+
+
+def _tb(n: float) -> str:
+    return f"{n / 1e12:,.1f} TB" if n >= 1e11 else f"{n / 1e9:,.2f} GB"
+
+
+def plan_markdown(p: dict) -> str:
+    """The plan as the markdown artifact of the `plan` flow."""
+    s, t = p["sample"], p["train"]
+    money = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+    lines = [f"# Plan for {p['crawl']}", "",
+             f"{p['files']:,} of {p['files_in_crawl']:,} WARC files; sampled `{s['path']}`: {s['records']:,} records "
+             f"({s['responses']:,} responses), {s['bytes']:,} bytes.", "",
+             "| stage | CPU-hours | wall hours | stored | USD | measured on |", "|---|---:|---:|---:|---:|---|"]
+    for r in p["stages"]:
+        lines.append(f"| {r['stage']} | {r['cpu_hours']:,.1f} | {r['wall_hours']:,.2f} | {_tb(r['bytes_out'])} | "
+                     f"{money(r['usd'])} | `{r['measured_on']}` |")
+    lines.append(f"| pretrain {t['model_preset']} | {t['gpu_hours']:,.0f} GPU-h | {t['wall_hours']:,.1f} | - | "
+                 f"{money(t['usd'])} | 6·N·D, N {t['params'] / 1e6:,.0f}M, D {t['tokens'] / 1e9:,.2f}B (estimated) |")
+    lines += ["", f"Documents: {p['documents_after_filter']:,.0f} after filter, {p['documents_after_dedup']:,.0f} "
+              f"after dedup; {p['tokens']:,.0f} tokens; {p['storage_tb']:,.2f} TB stored"
+              + ("" if p["storage_usd_per_month"] is None else f" ({p['storage_usd_per_month']:,.0f} USD a month)"),
+              "", "## Storage", "", *[f"- {n}" for n in p["storage_notes"]],
+              "", "## Assumed", "", *[f"- {a}" for a in p["assumed"]]]
+    return "\n".join(lines)
 
 
 def measured(lake: Lake) -> dict[str, Manifest]:
@@ -104,8 +137,9 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
     if not (d.metrics.get("bytes") and f_in and dd_in and sh_tokens):
         raise PlanError("the measured runs lack the counts a plan scales by (bytes, records, documents, tokens)")
 
-    bytes_total = files * stats.bytes
-    records_total = files * stats.records
+    per_file_bytes = params.bytes_per_file or stats.bytes
+    bytes_total = files * per_file_bytes
+    records_total = files * stats.records * per_file_bytes / stats.bytes
     docs_filtered = records_total * f_docs / f_in
     docs_kept = docs_filtered * dd_out / dd_in
     tokens = docs_kept * sh_tokens / max(sh_docs, 1)
@@ -139,9 +173,21 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
         "storage_tb": tb,
         "storage_usd_per_month": tb * params.usd_per_tb_month if params.usd_per_tb_month is not None else None,
         "measured": {k: runs[k].ref for k in CURATION},
-        "assumed": ["records and bytes per file: the one sampled file", "training: 6·N·D FLOPs at the given "
+        "storage_notes": [
+            f"the lake keeps every committed version: {_tb(stored['download'])} of WARC (download), "
+            f"{_tb(stored['filter'])} of documents (filter), {_tb(stored['dedup'])} after dedup, "
+            f"{_tb(stored['shard'])} of tokens (shard)",
+            f"after filter is committed the WARC ({100 * stored['download'] / max(sum(stored.values()), 1):.0f}% "
+            "of the total) is read again only by a new filter version: delete download/<version>/ from the "
+            "object store to save it, and re-download when the filter changes",
+            f"--format wet downloads Common Crawl's own text extraction: about {WET_PER_WARC:.0%} of the WARC's "
+            "bytes, and filter skips extraction (its largest cost), but FineWeb found WET text worse than "
+            "trafilatura on the WARC"],
+        "assumed": [f"bytes per file: {params.bytes_per_file:,} as given, records in the sampled file's proportion"
+                    if params.bytes_per_file else "records and bytes per file: the one sampled file", "training: 6·N·D FLOPs at the given "
                     f"peak {params.gpu_peak_tflops} TFLOP/s and MFU {params.mfu}", "shard bytes: 2 per token "
                     "before compression", "the sample's keep rates (filter, dedup) hold for the crawl; dedup "
-                    "removes more across a whole crawl than within a sample"],
+                    "removes more across a whole crawl than within a sample",
+                    f"WET bytes per WARC byte {WET_PER_WARC:.2f}: one page's WARC/WET pair (CC-MAIN-2024-22)"],
     }
 

@@ -88,12 +88,16 @@ class ListedFiles:
     the list to a temporary paths file of its own and datatrove shards it as usual (file i to
     task i mod tasks)."""
 
-    def __init__(self, *args, paths: list[str], **kwargs):
+    def __init__(self, *args, paths: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.paths = list(paths)
+        self.paths = None if paths is None else list(paths)
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         import tempfile
+
+        if self.paths is None:  # datatrove's own listing (a folder, a glob, a paths file)
+            yield from super().run(data, rank, world_size)
+            return
 
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
             f.write("".join(p + "\n" for p in self.paths))

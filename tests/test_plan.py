@@ -17,8 +17,10 @@ from tests.conftest import run_cli
 CRAWL = "CC-MAIN-2025-47"
 
 
-def test_plan_scales_the_measured_runs_to_a_whole_real_crawl(shared_data, demo_local_run, tmp_path):
-    mirror = tmp_path / "mirror"
+def real_listing_mirror(shared_data, folder) -> tuple:
+    """A mirror of the real listing, with a real WARC (an excerpt of CC-MAIN-2020-34) under the path
+    that `plan` samples: (mirror, its paths, the sampled path, that WARC)."""
+    mirror = folder / "mirror"
     listing = mirror / "crawl-data" / CRAWL / "warc.paths.gz"
     listing.parent.mkdir(parents=True)
     shutil.copyfile(shared_data / "cc-listings" / CRAWL / "warc.paths.gz", listing)
@@ -27,6 +29,11 @@ def test_plan_scales_the_measured_runs_to_a_whole_real_crawl(shared_data, demo_l
     warc = shared_data / "warc" / "cc-main-2020-34-excerpt.warc.gz"
     (mirror / sampled).parent.mkdir(parents=True)
     shutil.copyfile(warc, mirror / sampled)
+    return mirror, paths, sampled, warc
+
+
+def test_plan_scales_the_measured_runs_to_a_whole_real_crawl(shared_data, demo_local_run, tmp_path):
+    mirror, paths, sampled, warc = real_listing_mirror(shared_data, tmp_path)
     lake = Lake(demo_local_run[0])
 
     r = run_cli("--lake", lake.url, "plan", "--crawl", CRAWL, "--base-url", f"file://{mirror}/", "--json",
@@ -63,3 +70,35 @@ def test_plan_scales_the_measured_runs_to_a_whole_real_crawl(shared_data, demo_l
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: no measured run of download, "
                                                                                "filter, dedup, shard"), r.stderr
     assert "make demo" in r.stderr
+
+
+def test_plan_as_a_flow_shows_its_table_as_a_markdown_artifact(shared_data, demo_local_run, tmp_path):
+    """The `plan` deployment's flow: the same plan as the command, and a markdown artifact with
+    the table, the storage notes and what is assumed."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.plan import plan as plan_flow
+    from tasks.plan import PlanParams
+
+    mirror, _, sampled, warc = real_listing_mirror(shared_data, tmp_path)
+    # an excerpt is no whole file: say how big a file is, and the records scale in the sample's proportion
+    p = plan_flow(PlanParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=1000, bytes_per_file=10**9),
+                  lake_url=demo_local_run[0])
+    assert p["files"] == 1000 and p["files_in_crawl"] == 100_000 and [r["stage"] for r in p["stages"]] == CURATION
+    stats = verify_warc(lambda: open(warc, "rb"), warc.name)
+    assert p["stages"][0]["bytes_out"] == 1000 * 10**9
+    assert p["assumed"][0] == "bytes per file: 1,000,000,000 as given, records in the sampled file's proportion"
+    d = Lake(demo_local_run[0]).resolve("download").metrics
+    want = d["cpu_seconds"] / d["bytes"] * 1000 * 10**9 / 3600
+    assert abs(p["stages"][0]["cpu_hours"] - want) <= 1e-9 * want
+    f = Lake(demo_local_run[0]).resolve("filter").metrics
+    want = f["cpu_seconds"] / d["records"] * 1000 * stats.records * 10**9 / stats.bytes / 3600
+    assert abs(p["stages"][1]["cpu_hours"] - want) <= 1e-9 * want
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["crawl-plan"])))
+    page = next(a.data for a in found if "1,000 of 100,000 WARC files" in (a.data or ""))
+    assert page.startswith(f"# Plan for {CRAWL}") and f"sampled `{sampled}`" in page
+    for row in p["stages"]:
+        assert f"| {row['stage']} | {row['cpu_hours']:,.1f} |" in page
+    assert "## Storage" in page and "--format wet" in page and "## Assumed" in page
