@@ -23,13 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/crawl2model demo
 
-# Debian packages the tests use: chromium (the Prefect UI test), curl, iproute2 (unshare -n, ip).
+# Debian packages the tests use: chromium (the Prefect UI test), curl, iproute2 (unshare -n, ip),
+# slurm-wlm and munge (a one-node Slurm for --executor slurm: tests/test_slurm.py).
 system-deps:
-	@missing=""; for c in chromium curl ip unshare; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	@missing=""; for c in chromium curl ip unshare slurmctld slurmd sbatch munged; do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium curl iproute2 util-linux >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium curl iproute2 util-linux slurm-wlm munge >/dev/null; \
 	fi
 
 # pytest-xdist workers: most slow tests wait (on process start-up, S3 retries, a stage to reach the

@@ -13,6 +13,7 @@ BENCHMARKS = [
     "benchmarks.bench_shard",       # the shard stage on every core vs on one
     "benchmarks.bench_train",       # trainer tokens/s vs a minimal nanoGPT loop
     "benchmarks.bench_prefect",     # the demo pipeline through Prefect vs direct calls
+    "benchmarks.bench_scale",       # filter on Ray vs the local executor; plan vs a measured run
 ]
 
 if __name__ == "__main__":

@@ -354,9 +354,12 @@ def cmd_run(lake: Lake, args) -> int:
     if args.executor or args.ray_address:  # every data stage's executor at once; --set may still change one
         from tasks.registry import stage as stage_named
 
+        executor = args.executor or "ray"
         for name in PIPELINE:
-            if "executor" in stage_named(name).params.model_fields:
-                values[name] = {**values[name], "executor": args.executor or "ray", "ray_address": args.ray_address}
+            field = stage_named(name).params.model_fields.get("executor")
+            if field is not None and executor in typing.get_args(field.annotation):  # slurm: the datatrove stages
+                values[name] = {**values[name], "executor": executor,
+                                **({"ray_address": args.ray_address} if executor == "ray" else {})}
     for stage, fields in _override(args.set).items():
         if stage not in PIPELINE or not isinstance(fields, dict):
             raise UsageError(f"invalid --set {stage!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(PIPELINE)}")
@@ -441,8 +444,9 @@ def build_parser() -> Parser:
     run.add_argument("--rebuild", action="append", choices=pipeline_stages, help="build this stage again")
     run.add_argument("--set", action="append", metavar="STAGE.FIELD=VALUE",
                      help="override a stage parameter, e.g. pretrain.max_steps=100")
-    run.add_argument("--executor", choices=["local", "ray"],
-                     help="where every data stage works: this machine, or a Ray cluster (docs/SCALING.md)")
+    run.add_argument("--executor", choices=["local", "ray", "slurm"],
+                     help="where the data stages work: this machine, a Ray cluster, or Slurm jobs (filter and "
+                     "dedup; docs/SCALING.md)")
     run.add_argument("--ray-address", help="the Ray cluster (host:port of its head; 'local' starts one); "
                      "default $RAY_ADDRESS")
     run.set_defaults(func=cmd_run)

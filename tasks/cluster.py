@@ -20,12 +20,18 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator, Literal
 
 from datatrove.executor.ray import RayPipelineExecutor
+from datatrove.executor.slurm import SlurmPipelineExecutor
 from pydantic import Field, model_validator
 
 from common.process import own_cpu_seconds, report_worker_cpu
@@ -56,8 +62,31 @@ class ExecutorParams(Strict):
         if self.executor == "ray" and not (self.ray_address or os.environ.get(RAY_ADDRESS_ENV)):
             raise ValueError(f"executor 'ray' needs a cluster: set ${RAY_ADDRESS_ENV} or ray_address "
                              "(host:port of its head, or 'local' to start one on this machine)")
-        if self.executor == "local" and self.ray_address:
-            raise ValueError("ray_address is for executor 'ray' (this run's executor is 'local')")
+        if self.executor != "ray" and self.ray_address:
+            raise ValueError(f"ray_address is for executor 'ray' (this run's executor is {self.executor!r})")
+        return self
+
+
+class DatatroveExecutorParams(ExecutorParams):
+    """The executors of a stage made of datatrove pipelines (filter, dedup): also Slurm."""
+
+    executor: Literal["local", "ray", "slurm"] = Field(
+        "local", description="where the work runs: this machine's processes, the Ray cluster at ray_address, or "
+        "Slurm jobs (sbatch; not part of the version)")
+    slurm_partition: str | None = Field(None, description="the Slurm partition of its jobs (default: the "
+                                        "cluster's default partition)")
+    slurm_time: str = Field("24:00:00", pattern=r"^(\d+-)?\d+(:\d{2}){0,2}$",
+                            description="the time limit of one datatrove task's Slurm job, [D-]HH:MM:SS")
+
+    NOT_IN_VERSION: ClassVar[frozenset[str]] = frozenset({"executor", "ray_address", "slurm_partition", "slurm_time"})
+
+    @model_validator(mode="after")
+    def _slurm(self):
+        if self.executor == "slurm" and shutil.which("sbatch") is None:
+            raise ValueError("executor 'slurm' needs Slurm's sbatch on PATH (and SLURM_CONF, or /etc/slurm, "
+                             "describing the cluster)")
+        if self.executor != "slurm" and self.slurm_partition:
+            raise ValueError(f"slurm_partition is for executor 'slurm' (this run's executor is {self.executor!r})")
         return self
 
 
@@ -107,11 +136,13 @@ def ray_cluster(params: ExecutorParams, lake: Lake) -> Iterator[bool]:
         yield False
         return
     address = params.ray_address or os.environ[RAY_ADDRESS_ENV]
-    if address == LOCAL:
-        # Ray binds its daemons to every interface unless the node is loopback-only, which this
-        # (read when ray is first imported) makes it; a cluster of one machine needs nothing else.
+    if address == LOCAL or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        # A cluster on this machine's loopback. Ray takes 127.0.0.1 for "this machine" and swaps in
+        # the address of its network interface, where a loopback-only cluster is not, unless
+        # this is set (read when ray is first imported): then it stays on loopback, and a Ray it
+        # starts binds its daemons there instead of on every interface.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    else:
+    if address != LOCAL:
         _check_reachable(address)
     import ray
 
@@ -277,13 +308,86 @@ class RayExecutor(RayPipelineExecutor):
             raise TaskDied(f"datatrove tasks {missing[:5]} of {self.tasks} left no completion marker; rerun to resume")
 
 
-def executor_for(on_ray: bool, pipeline: list, tasks: int, workers: int, logs_folder):
-    """The datatrove executor of one run: `RayExecutor` inside `ray_cluster`, else this
-    machine's `FailFastExecutor` with `workers` processes."""
-    if on_ray:
+class SlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's `SlurmPipelineExecutor`, waited for: it submits the unfinished ranks as a Slurm
+    job array (each task runs `launch_pickled_pipeline` on a node, in this Python environment)
+    and, unlike datatrove's, returns only when the job has left the queue, failing with one line
+    when a rank did not finish. Stopping the stage cancels the job; a rerun first cancels the job
+    of an earlier run that was killed (its id is kept in the logging folder), then resumes. Each
+    task writes the CPU seconds it spent next to its completion marker, for the manifest."""
+
+    def __init__(self, pipeline: list, tasks: int, logging_dir, partition: str | None, time: str):
+        partition = partition or _default_partition()
+        activate = os.path.join(sys.prefix, "bin", "activate")
+        super().__init__(pipeline, tasks=tasks, time=time, partition=partition, logging_dir=logging_dir,
+                         job_name=f"crawl2model-{uuid.uuid4().hex[:8]}", with_srun=False, requeue=False,
+                         mail_type="NONE", qos="", venv_path=activate if os.path.exists(activate) else None,
+                         skip_completed=True)
+
+    def launch_merge_stats(self):
+        pass  # the stage merges the tasks' stats itself; an afterok job would wait forever after a failure
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        cpu = own_cpu_seconds()
+        stats = super()._run_for_rank(rank, local_rank, node_rank)
+        with self.logging_dir.open(f"cpu/{rank:05d}", "w") as f:
+            f.write(f"{own_cpu_seconds() - cpu:.3f}")
+        return stats
+
+    def run(self):
+        if "SLURM_ARRAY_TASK_ID" in os.environ:  # inside the job: datatrove runs this task's rank
+            return super().run()
+        from datatrove.utils.logging import logger
+
+        if self.logging_dir.exists("slurm_job_id"):  # an earlier run's job, if its stage was killed
+            with self.logging_dir.open("slurm_job_id", "r") as f:
+                subprocess.run(["scancel", f.read().strip()], capture_output=True)
+        if not self.get_incomplete_ranks(range(self.tasks)):
+            return
+        try:
+            self.launch_job()
+        except subprocess.CalledProcessError as e:
+            raise StageError(f"sbatch refused the job: {(e.output or b'').decode(errors='replace').strip() or e}") from None
+        with self.logging_dir.open("slurm_job_id", "w") as f:
+            f.write(str(self.job_id))
+        try:
+            while subprocess.run(["squeue", "-h", "-j", str(self.job_id)], capture_output=True,
+                                 text=True).stdout.strip():
+                time.sleep(1)
+        except BaseException:
+            subprocess.run(["scancel", str(self.job_id)], capture_output=True)
+            raise
+        for path in self.logging_dir.list_files("cpu"):
+            with self.logging_dir.open(path, "r") as f:
+                report_worker_cpu(float(f.read()))
+        missing = self.get_incomplete_ranks(range(self.tasks))
+        if missing:
+            raise TaskDied(f"Slurm job {self.job_id} ended with {len(missing)} of {self.tasks} datatrove tasks "
+                           f"unfinished (their logs: {self.slurm_logs_folder}); the tasks that finished are kept, "
+                           "rerun to resume")
+        logger.info(f"Slurm job {self.job_id}: all {self.tasks} tasks completed")
+
+
+def _default_partition() -> str:
+    """The Slurm cluster's default partition (`sinfo` marks it with a *)."""
+    r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+    for name in r.stdout.split():
+        if name.endswith("*"):
+            return name[:-1]
+    raise BadInput(f"no default Slurm partition (sinfo: {(r.stderr or r.stdout).strip()[:200] or 'nothing'}): "
+                   "give slurm_partition")
+
+
+def executor_for(where: "ExecutorParams | None", pipeline: list, tasks: int, workers: int, logs_folder):
+    """The datatrove executor of one run: `RayExecutor` (inside `ray_cluster`) or `SlurmExecutor`
+    when `where` says so, else this machine's `FailFastExecutor` with `workers` processes."""
+    executor = where.executor if where is not None else "local"
+    if executor == "ray":
         return RayExecutor(pipeline, tasks=tasks, logging_dir=logs_folder)
+    if executor == "slurm":
+        return SlurmExecutor(pipeline, tasks=tasks, logging_dir=logs_folder, partition=where.slurm_partition,
+                             time=where.slurm_time)
     from tasks.steps import FailFastExecutor
 
     return FailFastExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
                             logging_dir=logs_folder, skip_completed=True)
-

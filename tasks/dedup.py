@@ -18,7 +18,7 @@ from typing import Callable
 
 from pydantic import Field
 
-from tasks.cluster import ExecutorParams, ray_cluster
+from tasks.cluster import DatatroveExecutorParams, ray_cluster
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
@@ -27,8 +27,8 @@ from tasks.stage import StageParams, document_files, input_ref, resolve_inputs, 
 CODE_VERSION = "dedup/1"
 
 
-class DedupParams(StageParams, ExecutorParams):
-    """The `dedup` stage. Every field but `workers`, `executor` and `ray_address` is part of the version."""
+class DedupParams(StageParams, DatatroveExecutorParams):
+    """The `dedup` stage. Every field but `workers` and where it runs (`executor`, ...) is part of the version."""
 
     input: str = input_ref("filter")
     exact: bool = Field(True, description="remove exact duplicates of the normalised text first")
@@ -111,9 +111,9 @@ def dedup_documents(lake: Lake, params: DedupParams, log: Callable[[str], None] 
         # one bar for the stage's datatrove runs: tasks of each, in order
         runs = ([tasks, 1, tasks] if params.exact else []) + \
             ([tasks, params.num_buckets, 1, tasks] if params.minhash else [tasks])
-        with ray_cluster(params, lake) as on_ray, \
+        with ray_cluster(params, lake), \
                 Progress(f"dedup {prod.ref}", files=sum(runs), unit="tasks") as progress:
-            run_datatrove = functools.partial(run_on, on_ray=on_ray, progress=progress)
+            run_datatrove = functools.partial(run_on, where=params, progress=progress)
             current, current_paths = src, inputs
             if params.exact:
                 run_datatrove([_reader(current, current_paths), Meter("input"),

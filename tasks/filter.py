@@ -18,7 +18,7 @@ from typing import Callable, Literal
 
 from pydantic import Field, field_validator
 
-from tasks.cluster import ExecutorParams, executor_for, ray_cluster
+from tasks.cluster import DatatroveExecutorParams, executor_for, ray_cluster
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
@@ -72,8 +72,8 @@ class FineWebQuality(Strict):
     new_line_ratio: float = Field(0.3, ge=0, le=1)
 
 
-class FilterParams(StageParams, ExecutorParams):
-    """The `filter` stage. Every field but `workers`, `executor` and `ray_address` is part of the version."""
+class FilterParams(StageParams, DatatroveExecutorParams):
+    """The `filter` stage. Every field but `workers` and where it runs (`executor`, ...) is part of the version."""
 
     input: str = input_ref("download")
     extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
@@ -207,11 +207,11 @@ def funnel_markdown(funnel: list[dict]) -> str:
 
 
 def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: str | None = None,
-                  progress=None, on_ray: bool = False) -> None:
-    """Run a datatrove pipeline on this machine's processes, or on the Ray cluster joined by
-    `tasks.cluster.ray_cluster` when `on_ray` (completion markers in `logs_folder`, so a rerun skips
-    finished tasks), showing finished tasks as a progress bar and artifact: its own, or `progress`
-    (a `tasks.progress.Progress` that a stage of several runs shares)."""
+                  progress=None, where=None) -> None:
+    """Run a datatrove pipeline where the stage's parameters `where` say (`tasks.cluster`; None: this
+    machine's processes; for Ray, inside `ray_cluster`), with completion markers in `logs_folder`,
+    so a rerun skips finished tasks, showing finished tasks as a progress bar and artifact: its
+    own, or `progress` (a `tasks.progress.Progress` that a stage of several runs shares)."""
     if title is None:  # <lake>/<kind>/<version>/_work/logs/<step>: "dedup@<version> exact-1"
         kind, version, *_, step = logs_folder.path.rstrip("/").split("/")[-5:]
         title = f"{kind}@{version} {step}"
@@ -219,7 +219,7 @@ def run_datatrove(pipeline: list, tasks: int, workers: int, logs_folder, title: 
 
     from tasks.progress import Progress
 
-    executor = executor_for(on_ray, pipeline, tasks, workers, logs_folder)
+    executor = executor_for(where, pipeline, tasks, workers, logs_folder)
     stop = threading.Event()
     with contextlib.nullcontext(progress) if progress else Progress(title, files=tasks, unit="tasks") as progress:
         def poll() -> None:
@@ -262,8 +262,8 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
 
         pipeline = build_pipeline(params, lake.data_folder(lake.path(source.kind, source.version)), paths,
                                   folder("data"), folder("removed"), source.params.get("crawl", "") or "")
-        with ray_cluster(params, lake) as on_ray:
-            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref, on_ray=on_ray)
+        with ray_cluster(params, lake):
+            run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref, where=params)
         funnel, counters = read_stats(folder("_work/logs"))
         prod.metrics.update({"funnel": funnel_rows(funnel), "documents": funnel[-1]["documents"],
                              "bytes": funnel[-1]["bytes"], "reader": counters.get("🕷 WARC html", {}),

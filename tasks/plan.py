@@ -4,11 +4,11 @@ Three sources, each named in the output:
 - the crawl's listing (how many WARC files), read like `stage download` reads it (offline
   against a mirror with `--base-url`);
 - one file of it, fetched and checked (records and bytes per file);
-- what this project measured on its own runs: the newest committed version of each stage in
-  the lake that records `cpu_seconds` (tasks/stage.py), as CPU per unit of its input (download:
-  per byte, filter: per WARC record, dedup: per document, shard: per token) and the share each
-  keeps. The units scale linearly, so a crawl's cost is the sample's per-unit cost times the
-  crawl's units.
+- what this project measured on its own runs: the committed versions of each stage in the lake
+  that record `cpu_seconds` (tasks/stage.py), as CPU per unit of its input (download: per byte,
+  filter: per WARC record, dedup: per document, shard: per token) plus a fixed part per run,
+  fitted to runs of different sizes (`cost_model`), and the share of documents each keeps (the
+  newest run's). A crawl's cost is the fixed part plus the per-unit cost times the crawl's units.
 Training is estimated, not measured: 6·N·D FLOPs (N the model preset's parameters, D the tokens)
 at the stated peak TFLOP/s and MFU.
 """
@@ -101,6 +101,47 @@ def measured(lake: Lake) -> dict[str, Manifest]:
     return out
 
 
+def work_units(lake: Lake, m: Manifest) -> float | None:
+    """What a stage's cost scales with, from its manifest: download bytes, WARC records read by
+    filter (its download's), documents into dedup, tokens out of shard."""
+    x = m.metrics
+    if m.kind == "download":
+        return x.get("bytes")
+    if m.kind == "filter":
+        return lake.resolve(m.inputs[0]).metrics.get("records")
+    if m.kind == "dedup":
+        return x.get("input_documents")
+    return (x.get("train_tokens") or 0) + (x.get("val_tokens") or 0) or None
+
+
+_CONFIG_ONLY = {"download": ("format", "max_records")}  # download's other parameters say what, not how
+
+
+def cost_model(lake: Lake, newest: Manifest) -> tuple[float, float, int]:
+    """(fixed CPU seconds a run, CPU seconds per unit, runs it rests on) for a stage, from every
+    committed version of it in the lake with the newest one's configuration: a least-squares line
+    through (units, cpu_seconds) when the runs differ in size (their start-up, worker processes
+    and model loading are the fixed part, which dominates a small run), else proportional to the
+    newest run."""
+    keys = _CONFIG_ONLY.get(newest.kind)
+    same = [m for m in lake.versions(newest.kind) if m.metrics.get("cpu_seconds") is not None and
+            ({k: m.params.get(k) for k in keys} == {k: newest.params.get(k) for k in keys} if keys
+             else m.params == newest.params)]
+    points = [(u, m.metrics["cpu_seconds"]) for m in same if (u := work_units(lake, m))]
+    xs = [x for x, _ in points]
+    if len(points) >= 2 and max(xs) >= 1.5 * min(xs):
+        n = len(points)
+        mx, my = sum(xs) / n, sum(y for _, y in points) / n
+        slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+        fixed = my - slope * mx
+        if slope > 0 and fixed >= 0:
+            return fixed, slope, n
+        if slope > 0:  # a line through the origin: no negative start-up cost
+            return 0.0, sum(x * y for x, y in points) / sum(x * x for x in xs), n
+    units = work_units(lake, newest)
+    return 0.0, newest.metrics["cpu_seconds"] / units, 1
+
+
 def model_params(preset: str, vocab_size: int) -> int:
     """Parameters of a preset: 12·d² per layer (attention 4·d², MLP 8·d²) and the embedding."""
     from model.config import PRESETS
@@ -143,10 +184,9 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
     docs_filtered = records_total * f_docs / f_in
     docs_kept = docs_filtered * dd_out / dd_in
     tokens = docs_kept * sh_tokens / max(sh_docs, 1)
-    cpu = {"download": d.metrics["cpu_seconds"] / d.metrics["bytes"] * bytes_total,
-           "filter": f.metrics["cpu_seconds"] / f_in * records_total,
-           "dedup": dd.metrics["cpu_seconds"] / dd_in * docs_filtered,
-           "shard": sh.metrics["cpu_seconds"] / sh_tokens * tokens}
+    units = {"download": bytes_total, "filter": records_total, "dedup": docs_filtered, "shard": tokens}
+    models = {k: cost_model(lake, runs[k]) for k in CURATION}
+    cpu = {k: models[k][0] + models[k][1] * units[k] for k in CURATION}
     stored = {"download": bytes_total,
               "filter": bytes_total * f.metrics.get("bytes", 0) / d.metrics["bytes"],
               "dedup": bytes_total * dd.metrics.get("bytes", f.metrics.get("bytes", 0)) / d.metrics["bytes"],
@@ -154,7 +194,9 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
     rows = []
     for kind in CURATION:
         hours = cpu[kind] / 3600
-        rows.append({"stage": kind, "measured_on": runs[kind].ref, "cpu_hours": hours,
+        fixed, per_unit, n = models[kind]
+        rows.append({"stage": kind, "measured_on": runs[kind].ref if n == 1 else f"{n} runs, newest {runs[kind].ref}",
+                     "fixed_cpu_seconds": fixed, "cpu_seconds_per_unit": per_unit, "cpu_hours": hours,
                      "wall_hours": hours / params.workers, "bytes_out": stored[kind],
                      "usd": hours * params.usd_per_cpu_hour if params.usd_per_cpu_hour is not None else None})
     vocab = int(sh.metrics.get("vocab_size") or 50257)
@@ -183,7 +225,9 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
             f"--format wet downloads Common Crawl's own text extraction: about {WET_PER_WARC:.0%} of the WARC's "
             "bytes, and filter skips extraction (its largest cost), but FineWeb found WET text worse than "
             "trafilatura on the WARC"],
-        "assumed": [f"bytes per file: {params.bytes_per_file:,} as given, records in the sampled file's proportion"
+        "assumed": ["CPU per stage: a fixed part and a part per unit (download byte, WARC record, document, "
+                    "token), fitted by least squares to the lake's runs of the stage with the same configuration "
+                    "when they differ in size, else in proportion to its newest run", f"bytes per file: {params.bytes_per_file:,} as given, records in the sampled file's proportion"
                     if params.bytes_per_file else "records and bytes per file: the one sampled file", "training: 6·N·D FLOPs at the given "
                     f"peak {params.gpu_peak_tflops} TFLOP/s and MFU {params.mfu}", "shard bytes: 2 per token "
                     "before compression", "the sample's keep rates (filter, dedup) hold for the crawl; dedup "

@@ -61,3 +61,17 @@ def make_curated(shared_data: Path, work: Path) -> dict:
     flt = filter_documents(lake, FilterParams(input=dl.ref, tasks=1, workers=1), log=lambda m: None)
     dd = dedup_documents(lake, DedupParams(input=flt.ref, tasks=1, workers=1), log=lambda m: None)
     return {"lake": lake.url, "download": dl.ref, "filter": flt.ref, "dedup": dd.ref, "planted": planted}
+
+
+def documents(lake, m) -> list[tuple[str, str]]:
+    """(id, text) of every document of a filter or dedup version, sorted: what two versions that
+    differ in their task count (so in their files) must agree on."""
+    import pyarrow.parquet as pq
+
+    from tasks.stage import document_files
+
+    rows = []
+    for path in document_files(m):
+        with lake.open(m, path) as fh:
+            rows += [(r["id"], r["text"]) for r in pq.read_table(fh, columns=["id", "text"]).to_pylist()]
+    return sorted(rows)

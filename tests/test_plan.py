@@ -88,7 +88,7 @@ def test_plan_as_a_flow_shows_its_table_as_a_markdown_artifact(shared_data, demo
     assert p["files"] == 1000 and p["files_in_crawl"] == 100_000 and [r["stage"] for r in p["stages"]] == CURATION
     stats = verify_warc(lambda: open(warc, "rb"), warc.name)
     assert p["stages"][0]["bytes_out"] == 1000 * 10**9
-    assert p["assumed"][0] == "bytes per file: 1,000,000,000 as given, records in the sampled file's proportion"
+    assert p["assumed"][1] == "bytes per file: 1,000,000,000 as given, records in the sampled file's proportion"
     d = Lake(demo_local_run[0]).resolve("download").metrics
     want = d["cpu_seconds"] / d["bytes"] * 1000 * 10**9 / 3600
     assert abs(p["stages"][0]["cpu_hours"] - want) <= 1e-9 * want
@@ -102,3 +102,25 @@ def test_plan_as_a_flow_shows_its_table_as_a_markdown_artifact(shared_data, demo
     for row in p["stages"]:
         assert f"| {row['stage']} | {row['cpu_hours']:,.1f} |" in page
     assert "## Storage" in page and "--format wet" in page and "## Assumed" in page
+
+
+def test_the_cost_of_a_stage_is_fitted_as_a_fixed_part_and_a_part_per_unit(tmp_path):
+    """Runs of one configuration at different sizes give a line (a small run is mostly start-up);
+    another configuration is not mixed in; one run alone scales in proportion."""
+    from tasks.plan import cost_model
+
+    lake = Lake(str(tmp_path / "lake"))
+
+    def run(params: dict, nbytes: int, cpu: float):
+        with lake.produce("download", params, [], "download/1") as p:
+            p.metrics.update(bytes=nbytes, cpu_seconds=cpu)
+            p.write_bytes("x.warc.gz", b"x")
+        return lake.resolve("download")
+
+    warc = {"format": "warc", "max_records": None}
+    wet = run({**warc, "format": "wet", "segments": 9}, 100, 50.0)
+    for segments, nbytes in ((1, 1000), (2, 3000), (4, 9000)):
+        newest = run({**warc, "segments": segments}, nbytes, 2.0 + 0.001 * nbytes)
+    fixed, per_unit, runs = cost_model(lake, newest)
+    assert runs == 3 and abs(fixed - 2.0) < 1e-9 and abs(per_unit - 0.001) < 1e-12
+    assert cost_model(lake, wet) == (0.0, 0.5, 1)

@@ -22,65 +22,15 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake
-from tasks.stage import document_files
-from tests.conftest import BIN, temp_server_env
+from tests.conftest import BIN
+from tests.corpus import documents
+from tests.netns import Namespace, netns_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 HEAD_PORT = 6379  # the namespace is new: nothing else listens there
 
-
-def _netns_available() -> bool:
-    name = f"c2m-probe-{os.getpid()}"
-    ok = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return ok
-
-
-if not _netns_available():
+if not netns_available():
     pytest.skip("ip netns needs root (CI and this machine run as root)", allow_module_level=True)
-
-
-class Namespace:
-    """A network namespace with loopback up; commands run in it with `run`/`popen`."""
-
-    def __init__(self, tag: str):
-        self.name = f"c2m-{tag}-{uuid.uuid4().hex[:6]}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"], check=True)
-        # a user's environment, less the session's Prefect server (out of reach in here: the CLI
-        # starts its temporary one) and the Ray variables a developer may have set
-        self.env = {k: v for k, v in temp_server_env().items() if not k.startswith("RAY_")}
-        # no token: a Ray that finds ~/.ray/auth_token (left by an earlier `ray.init()`) otherwise
-        # wants it from every client; loopback in a namespace of its own is the protection here
-        self.env["RAY_AUTH_MODE"] = "disabled"
-
-    def argv(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *cmd]
-
-    def run(self, *cmd: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(*cmd), capture_output=True, text=True, timeout=timeout,
-                              env={**self.env, **kw.pop("env", {})}, **kw)
-
-    def popen(self, *cmd: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen(self.argv(*cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**self.env, **kw.pop("env", {})}, **kw)
-
-    def pids(self) -> list[int]:
-        r = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
-        return [int(p) for p in r.stdout.split()]
-
-    def listeners(self) -> list[str]:
-        """The local address of every TCP socket listening in the namespace."""
-        r = subprocess.run(self.argv("ss", "-ltnH"), capture_output=True, text=True, check=True)
-        return [line.split()[3] for line in r.stdout.splitlines()]
-
-    def close(self) -> None:
-        for pid in self.pids():  # Ray's daemons and workers: every process that lives in here
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
 def start_ray(ns: Namespace, temp_dir: Path, head_cpus: int, more_nodes: list[int], wrap: tuple = ()) -> str:
@@ -241,16 +191,6 @@ def test_a_killed_ray_worker_is_retried_and_a_killed_stage_commits_nothing_and_r
     result = json.loads(text.split("RESULT ", 1)[1])
     assert result["ref"] == f"filter@{version}"
     assert documents(lake_, lake_.resolve(result["ref"])) == documents(src, reference)
-
-
-def documents(lake: Lake, m) -> list[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
-    rows = []
-    for path in document_files(m):
-        with lake.open(m, path) as fh:
-            rows += [(r["id"], r["text"]) for r in pq.read_table(fh, columns=["id", "text"]).to_pylist()]
-    return sorted(rows)
 
 
 def test_ray_parameters_are_checked_before_any_work(tmp_path, monkeypatch):
