@@ -306,7 +306,7 @@ def cmd_plan(lake: Lake, args) -> int:
                   "-" if t["usd"] is None else f"{t['usd']:,.0f}",
                   f"6·N·D: N {t['params'] / 1e6:,.0f}M, D {t['tokens'] / 1e9:,.1f}B tokens (estimated)")
     out.print(table)
-    out.print(f"documents: {p['documents_after_filter']:,.0f} after filter, {p['documents_after_dedup']:,.0f} after "
+    out.print(f"pages {p['pages']:,.0f}; documents: {p['documents_after_filter']:,.0f} after filter, {p['documents_after_dedup']:,.0f} after "
               f"dedup; tokens {p['tokens']:,.0f}; stored {p['storage_tb']:,.1f} TB"
               + ("" if p["storage_usd_per_month"] is None else f" ({p['storage_usd_per_month']:,.0f} USD/month)"))
     out.print("storage: " + "; ".join(p["storage_notes"]))

@@ -3,7 +3,7 @@
 Three sources, each named in the output:
 - the crawl's listing (how many WARC files), read like `stage download` reads it (offline
   against a mirror with `--base-url`);
-- one file of it, fetched and checked (records and bytes per file);
+- one file of it, fetched and checked (responses, records and bytes per file);
 - what this project measured on its own runs: the committed versions of each stage in the lake
   that record `cpu_seconds` (tasks/stage.py), as CPU per unit of its input (download: per byte,
   filter: per WARC record, dedup: per document, shard: per token) plus a fixed part per run,
@@ -40,8 +40,10 @@ class PlanParams(BaseModel):
                                                    "`stage download`'s, Common Crawl itself)")
     segments: int | None = Field(None, ge=1, description="plan for this many WARC files (default: the whole crawl)")
     bytes_per_file: int | None = Field(None, ge=1, description="assume each WARC file is this many bytes, its "
-                                       "records in the sample's proportion (default: the sampled file's own size; "
+                                       "responses in the sample's proportion (default: the sampled file's own size; "
                                        "set it when the sample is an excerpt)")
+    pages_per_file: int | None = Field(None, ge=1, description="assume each WARC file holds this many "
+                                       "responses (pages) (default: in the sampled file's proportion to its bytes)")
     workers: int = Field(64, ge=1, description="CPU workers the curation runs on (wall hours)")
     model_preset: str = Field("gpt2-small", description="the model to train on the tokens")
     gpus: int = Field(8, ge=1)
@@ -102,13 +104,15 @@ def measured(lake: Lake) -> dict[str, Manifest]:
 
 
 def work_units(lake: Lake, m: Manifest) -> float | None:
-    """What a stage's cost scales with, from its manifest: download bytes, WARC records read by
-    filter (its download's), documents into dedup, tokens out of shard."""
+    """What a stage's cost scales with, from its manifest: download bytes, responses read by
+    filter (its download's: a Common Crawl file's request and metadata records cost it nothing),
+    documents into dedup, tokens out of shard."""
     x = m.metrics
     if m.kind == "download":
         return x.get("bytes")
     if m.kind == "filter":
-        return lake.resolve(m.inputs[0]).metrics.get("records")
+        x = lake.resolve(m.inputs[0]).metrics
+        return x.get("records_by_type", {}).get("response") or x.get("records")
     if m.kind == "dedup":
         return x.get("input_documents")
     return (x.get("train_tokens") or 0) + (x.get("val_tokens") or 0) or None
@@ -171,7 +175,7 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
     responses = stats.by_type.get("response", 0)
 
     d, f, dd, sh = (runs[k] for k in CURATION)
-    f_in = lake.resolve(f.inputs[0]).metrics["records"]  # the WARC records the filter read (its download's)
+    f_in = work_units(lake, f)  # the responses the filter read (its download's)
     f_docs, dd_in, dd_out = f.metrics["documents"], dd.metrics["input_documents"], dd.metrics["documents"]
     sh_tokens = sh.metrics.get("train_tokens", 0) + sh.metrics.get("val_tokens", 0)
     sh_docs = sh.metrics.get("train_documents", 0) + sh.metrics.get("val_documents", 0)
@@ -180,11 +184,11 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
 
     per_file_bytes = params.bytes_per_file or stats.bytes
     bytes_total = files * per_file_bytes
-    records_total = files * stats.records * per_file_bytes / stats.bytes
-    docs_filtered = records_total * f_docs / f_in
+    pages_total = files * (params.pages_per_file or responses * per_file_bytes / stats.bytes)
+    docs_filtered = pages_total * f_docs / f_in
     docs_kept = docs_filtered * dd_out / dd_in
     tokens = docs_kept * sh_tokens / max(sh_docs, 1)
-    units = {"download": bytes_total, "filter": records_total, "dedup": docs_filtered, "shard": tokens}
+    units = {"download": bytes_total, "filter": pages_total, "dedup": docs_filtered, "shard": tokens}
     models = {k: cost_model(lake, runs[k]) for k in CURATION}
     cpu = {k: models[k][0] + models[k][1] * units[k] for k in CURATION}
     stored = {"download": bytes_total,
@@ -199,6 +203,20 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
                      "fixed_cpu_seconds": fixed, "cpu_seconds_per_unit": per_unit, "cpu_hours": hours,
                      "wall_hours": hours / params.workers, "bytes_out": stored[kind],
                      "usd": hours * params.usd_per_cpu_hour if params.usd_per_cpu_hour is not None else None})
+    sampled = "the sampled file's"
+    assumed = [
+        f"bytes per file: {params.bytes_per_file:,} as given" if params.bytes_per_file else f"bytes per file: {sampled}",
+        f"pages (responses) per file: {params.pages_per_file:,} as given" if params.pages_per_file else
+        f"pages (responses) per file: in {sampled} proportion to its bytes" if params.bytes_per_file else
+        f"pages (responses) per file: {sampled}",
+        "CPU per stage: a fixed part and a part per unit (download byte, response, document, token), fitted "
+        "by least squares to the lake's runs of the stage with the same configuration when they differ in size, "
+        "else in proportion to its newest run",
+        f"training: 6·N·D FLOPs at the given peak {params.gpu_peak_tflops} TFLOP/s and MFU {params.mfu}",
+        "shard bytes: 2 per token before compression",
+        "the measured runs' keep rates (filter, dedup) hold for the crawl; dedup removes more across a whole "
+        "crawl than within a sample",
+        f"WET bytes per WARC byte {WET_PER_WARC:.2f}: one page's WARC/WET pair (CC-MAIN-2024-22)"]
     vocab = int(sh.metrics.get("vocab_size") or 50257)
     n = model_params(params.model_preset, vocab)
     flops = 6 * n * tokens
@@ -207,7 +225,7 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
     return {
         "crawl": crawl, "files": files, "files_in_crawl": len(paths),
         "sample": {"path": sample_path, "bytes": stats.bytes, "records": stats.records, "responses": responses},
-        "documents_after_filter": docs_filtered, "documents_after_dedup": docs_kept, "tokens": tokens,
+        "pages": pages_total, "documents_after_filter": docs_filtered, "documents_after_dedup": docs_kept, "tokens": tokens,
         "stages": rows,
         "train": {"model_preset": params.model_preset, "params": n, "tokens": tokens, "flops": flops,
                   "gpu_hours": gpu_hours, "wall_hours": gpu_hours / params.gpus, "gpus": params.gpus,
@@ -225,13 +243,6 @@ def plan(lake: Lake, params: PlanParams, log: Callable[[str], None] = lambda m: 
             f"--format wet downloads Common Crawl's own text extraction: about {WET_PER_WARC:.0%} of the WARC's "
             "bytes, and filter skips extraction (its largest cost), but FineWeb found WET text worse than "
             "trafilatura on the WARC"],
-        "assumed": ["CPU per stage: a fixed part and a part per unit (download byte, WARC record, document, "
-                    "token), fitted by least squares to the lake's runs of the stage with the same configuration "
-                    "when they differ in size, else in proportion to its newest run", f"bytes per file: {params.bytes_per_file:,} as given, records in the sampled file's proportion"
-                    if params.bytes_per_file else "records and bytes per file: the one sampled file", "training: 6·N·D FLOPs at the given "
-                    f"peak {params.gpu_peak_tflops} TFLOP/s and MFU {params.mfu}", "shard bytes: 2 per token "
-                    "before compression", "the sample's keep rates (filter, dedup) hold for the crawl; dedup "
-                    "removes more across a whole crawl than within a sample",
-                    f"WET bytes per WARC byte {WET_PER_WARC:.2f}: one page's WARC/WET pair (CC-MAIN-2024-22)"],
+        "assumed": assumed,
     }
 

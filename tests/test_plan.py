@@ -47,12 +47,12 @@ def test_plan_scales_the_measured_runs_to_a_whole_real_crawl(shared_data, demo_l
     runs = {k: lake.resolve(k) for k in CURATION}  # the newest measured version of each
     assert p["measured"] == {k: m.ref for k, m in runs.items()}
     d, f, dd, sh = (runs[k].metrics for k in CURATION)
-    records = 100_000 * stats.records
-    docs = records * f["documents"] / d["records"]
+    pages, d_pages = 100_000 * stats.by_type["response"], d["records_by_type"]["response"]
+    docs = pages * f["documents"] / d_pages
     tokens = docs * dd["documents"] / dd["input_documents"] * (sh["train_tokens"] + sh["val_tokens"]) / \
         (sh["train_documents"] + sh["val_documents"])
     want = {"download": d["cpu_seconds"] / d["bytes"] * 100_000 * stats.bytes,
-            "filter": f["cpu_seconds"] / d["records"] * records,
+            "filter": f["cpu_seconds"] / d_pages * pages,
             "dedup": dd["cpu_seconds"] / dd["input_documents"] * docs,
             "shard": sh["cpu_seconds"] / (sh["train_tokens"] + sh["val_tokens"]) * tokens}
     for row in p["stages"]:
@@ -76,28 +76,41 @@ def test_plan_as_a_flow_shows_its_table_as_a_markdown_artifact(shared_data, demo
     """The `plan` deployment's flow: the same plan as the command, and a markdown artifact with
     the table, the storage notes and what is assumed."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.plan import plan as plan_flow
     from tasks.plan import PlanParams
 
     mirror, _, sampled, warc = real_listing_mirror(shared_data, tmp_path)
     # an excerpt is no whole file: say how big a file is, and the records scale in the sample's proportion
-    p = plan_flow(PlanParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=1000, bytes_per_file=10**9),
-                  lake_url=demo_local_run[0])
+    state = plan_flow(PlanParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=1000, bytes_per_file=10**9),
+                      lake_url=demo_local_run[0], return_state=True)
+    p = state.result()
     assert p["files"] == 1000 and p["files_in_crawl"] == 100_000 and [r["stage"] for r in p["stages"]] == CURATION
     stats = verify_warc(lambda: open(warc, "rb"), warc.name)
     assert p["stages"][0]["bytes_out"] == 1000 * 10**9
-    assert p["assumed"][1] == "bytes per file: 1,000,000,000 as given, records in the sampled file's proportion"
+    assert p["assumed"][:2] == ["bytes per file: 1,000,000,000 as given",
+                                "pages (responses) per file: in the sampled file's proportion to its bytes"]
     d = Lake(demo_local_run[0]).resolve("download").metrics
     want = d["cpu_seconds"] / d["bytes"] * 1000 * 10**9 / 3600
     assert abs(p["stages"][0]["cpu_hours"] - want) <= 1e-9 * want
     f = Lake(demo_local_run[0]).resolve("filter").metrics
-    want = f["cpu_seconds"] / d["records"] * 1000 * stats.records * 10**9 / stats.bytes / 3600
+    d_pages = d["records_by_type"]["response"]
+    want = f["cpu_seconds"] / d_pages * 1000 * stats.by_type["response"] * 10**9 / stats.bytes / 3600
     assert abs(p["stages"][1]["cpu_hours"] - want) <= 1e-9 * want
+    # ... and how many records it holds
+    from tasks.plan import plan
+
+    given = plan(Lake(demo_local_run[0]), PlanParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=1000,
+                                                     bytes_per_file=10**9, pages_per_file=27_500))
+    want = f["cpu_seconds"] / d_pages * 1000 * 27_500 / 3600
+    assert abs(given["stages"][1]["cpu_hours"] - want) <= 1e-9 * want
+    assert given["assumed"][1] == "pages (responses) per file: 27,500 as given"
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["crawl-plan"])))
-    page = next(a.data for a in found if "1,000 of 100,000 WARC files" in (a.data or ""))
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["crawl-plan"]), flow_run_id=ArtifactFilterFlowRunId(any_=[
+                state.state_details.flow_run_id])))
+    [page] = [a.data for a in found]
     assert page.startswith(f"# Plan for {CRAWL}") and f"sampled `{sampled}`" in page
     for row in p["stages"]:
         assert f"| {row['stage']} | {row['cpu_hours']:,.1f} |" in page

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake
-from tests.conftest import BIN
+from tests.conftest import BIN, copy_version
 from tests.corpus import documents
 from tests.netns import Namespace, netns_available
 
@@ -148,13 +148,9 @@ def test_a_killed_ray_worker_is_retried_and_a_killed_stage_commits_nothing_and_r
     executor's files; (2) the stage's own process killed: nothing is committed, its Ray tasks
     end, and the rerun skips the tasks that finished and commits the same documents."""
     ns, address = ray_cluster["ns"], ray_cluster["address"]
-    src = Lake(curated_corpus["lake"])
-    dl, reference = src.resolve(curated_corpus["download"]), src.resolve(curated_corpus["filter"])
-    lake = tmp_path / "lake"
-    with Lake(str(lake)).produce("download", dl.params, [], dl.code_version) as p:
-        for f in dl.files:
-            with src.open(dl, f["path"]) as fh, p.open(f["path"]) as out:
-                out.write(fh.read())
+    src, lake = Lake(curated_corpus["lake"]), tmp_path / "lake"
+    reference = src.resolve(curated_corpus["filter"])
+    copy_version(src, Lake(str(lake)), curated_corpus["download"])
     script = tmp_path / "filter_on_ray.py"
     script.write_text(FILTER)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake
+from tests.conftest import copy_version
 from tests.corpus import documents
 from tests.netns import Namespace, netns_available
 
@@ -121,17 +122,14 @@ FILTER = textwrap.dedent("""
 
 def test_filter_on_slurm_commits_the_local_executors_files_and_a_cancelled_job_resumes(slurm, curated_corpus,
                                                                                         tmp_path):
-    """filter as a Slurm job array: (1) cancelled from outside (`scancel`) while it runs: the stage
-    fails with one line, nothing is committed; (2) the same command again: the tasks that finished
-    are skipped and the version is the local executor's, file for file."""
+    """filter as a Slurm job array: (1) the curated corpus's filter version, file for file as the
+    local executor wrote it; (2) another version (8 tasks) cancelled from outside (`scancel`) while
+    it runs: the stage fails with one line and commits nothing; the same command again runs only
+    the unfinished tasks and commits the same documents."""
     ns = slurm["ns"]
-    src = Lake(curated_corpus["lake"])
-    dl, reference = src.resolve(curated_corpus["download"]), src.resolve(curated_corpus["filter"])
-    lake = tmp_path / "lake"
-    with Lake(str(lake)).produce("download", dl.params, [], dl.code_version) as p:
-        for f in dl.files:
-            with src.open(dl, f["path"]) as fh, p.open(f["path"]) as out:
-                out.write(fh.read())
+    src, lake = Lake(curated_corpus["lake"]), tmp_path / "lake"
+    reference = src.resolve(curated_corpus["filter"])
+    copy_version(src, Lake(str(lake)), curated_corpus["download"])
     script = tmp_path / "filter_on_slurm.py"
     script.write_text(FILTER)
 
