@@ -151,8 +151,8 @@ def _start_prefect_server() -> subprocess.Popen | None:
 # are shared by all workers instead (`run_once`). The queue starts with the S3 pipelines (the
 # longest unit), then one test that makes the reference demo run while the other workers take the
 # groups that do not need it, then the long single tests, so the last ones to run are short.
-FIRST = ["s3-pipelines", "tests/test_pipeline.py::test_demo_pipeline_end_to_end", "tests/test_curation.py",
-         "tests/test_model.py", "tests/test_tokens.py", "tests/test_registry.py::test_a_stage_added",
+FIRST = ["s3-pipelines", "tests/test_pipeline.py::test_demo_pipeline_end_to_end", "tests/test_curation.py", "ray",
+         "tests/test_model.py", "slurm", "tests/test_tokens.py", "tests/test_registry.py::test_a_stage_added",
          "tests/reliability/test_process_faults.py::test_a_killed_datatrove", "tests/reliability/test_storage_faults.py",
          "tests/reliability/test_full_disk.py", "tests/reliability/test_process_faults.py", "tests/test_download.py"]
 
