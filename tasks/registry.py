@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from tasks import dedup, download, filter as filter_, ingest, pretrain, shard, tokenizer
+from tasks import conversations, dedup, download, filter as filter_, ingest, pretrain, shard, tokenizer
 from tasks.lake import Lake, Manifest
 from tasks.stage import StageParams, Strict, input_kinds
 
@@ -85,6 +85,9 @@ for _stage in [
           "the corpus tokenised into Parquet token shards"),
     Stage("pretrain", pretrain.PretrainParams, pretrain.pretrain, pretrain.summary,
           "a GPT trained with torchrun on a shard version", pool="gpu"),
+    Stage("conversations", conversations.ConversationsParams, conversations.build_conversations,
+          conversations.summary, "conversation files (messages, GSM8K, SGD) validated and split for post-training",
+          in_pipeline=False),
 ]:
     register(_stage)
 

@@ -23,8 +23,12 @@ from tasks.lake import Lake, LakeError, Manifest, Production
 from tasks.report import runtime
 from tasks.stage import StageParams, cache_dir, document_files, input_ref, resolve_inputs, run_stage
 
-CODE_VERSION = "tokenizer/2"
-SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CODE_VERSION = "tokenizer/3"  # 3: the passage markers and spare tokens reserved
+# <|bos|> starts every document and conversation; <|system|>/<|user|>/<|assistant|> ... <|end|> mark
+# each message of a conversation (model/chat.py); <|passage|> ... <|end_passage|> a text placed in
+# the model's context (retrieval); <|reserved_N|> are spares, so a later feature needs no new tokenizer.
+SPECIAL_TOKENS = ["<|bos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                  "<|passage|>", "<|end_passage|>", *(f"<|reserved_{i}|>" for i in range(4))]
 BOS, PAD = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1]
 # unk (id 0) + the specials + 256 byte pieces must fit, with room for merges
 MIN_VOCAB = 1 + len(SPECIAL_TOKENS) + 256 + 64

@@ -15,7 +15,7 @@ from tasks.ingest import IngestParams, ingest_files
 from tasks.lake import Lake
 import tasks.shard as shard_module
 from tasks.shard import ShardParams, shard_documents
-from tasks.tokenizer import (SPECIAL_TOKENS, TokenizerError, TokenizerParams, iter_documents, load,
+from tasks.tokenizer import (MIN_VOCAB, SPECIAL_TOKENS, TokenizerError, TokenizerParams, iter_documents, load,
                              tokenizer_path, train_tokenizer)
 from tests.conftest import copy_version, run_cli
 
@@ -136,7 +136,7 @@ def test_reader_resumes_exactly_and_ranks_are_disjoint(corpus):
 def test_bad_input_is_refused_before_work(corpus, tmp_path):
     lake = corpus["lake"]
     r = run_cli("--lake", lake.url, "stage", "tokenizer", "--vocab-size", "100")
-    assert r.returncode == 2 and "invalid vocab-size" in r.stderr and "greater than or equal to 327" in r.stderr
+    assert r.returncode == 2 and "invalid vocab-size" in r.stderr and f"greater than or equal to {MIN_VOCAB}" in r.stderr
     with pytest.raises(TokenizerError, match="vocab-size 60000 is too large for the"):
         train_tokenizer(lake, TokenizerParams(input=corpus["dedup"].ref, extra=[corpus["extra"].ref],
                                                   vocab_size=60000), log=lambda m: None)
