@@ -12,6 +12,10 @@ tokens and its closing <|end|> (the model learns to stop), 0 on everything else.
 
 from __future__ import annotations
 
+from typing import Iterator
+
+import torch
+
 ROLES = ("system", "user", "assistant")
 BOS, END = "<|bos|>", "<|end|>"
 
@@ -50,3 +54,59 @@ def render_for_reply(sp, messages: list[dict]) -> list[int]:
     message the user's) and <|assistant|>. The reply ends when the model emits <|end|>."""
     ids, _ = render_conversation(sp, messages)
     return ids + [special_ids(sp)[marker("assistant")]]
+
+
+class ConversationLoader:
+    """An endless stream of (x, y) int64 batches of shape (B, T) of rendered conversations for
+    one rank, as nanochat's SFT feeds them: one conversation a row, cut to T + 1 tokens, padded
+    with <|pad|> (x) and -1 (y); y is the next token where the mask says the model should say it
+    (the assistant's replies and their <|end|>), -1 elsewhere (the loss ignores -1). Conversation
+    i belongs to rank i % world_size (those whose first reply starts past T + 1 tokens are left out
+    and counted: `too_long`); every epoch walks this rank's in a seeded order; the state (epoch,
+    position) resumes at the exact next row."""
+
+    def __init__(self, rendered: list[tuple[list[int], list[int]]], batch_size: int, seq_len: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        mine = [r for i, r in enumerate(rendered) if i % world_size == rank]
+        # a conversation whose first reply starts past T + 1 tokens teaches nothing at this length
+        self.rows = [r for r in mine if any(r[1][1:seq_len + 1])]
+        self.too_long = len(mine) - len(self.rows)
+        if not self.rows:
+            raise ValueError(f"{len(rendered)} conversation(s) are too few for {world_size} rank(s)")
+        self.B, self.T, self.pad, self.rank, self.world, self.seed = batch_size, seq_len, pad_id, rank, world_size, seed
+        self.epoch, self.pos = 0, 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "rank": self.rank, "world_size": self.world,
+                "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["rank"], state["world_size"], state["rows"]) != (self.rank, self.world, len(self.rows)):
+            raise ValueError("loader state is from other conversations or another world size")
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.full((self.B, self.T), self.pad, dtype=torch.int64)
+        y = torch.full((self.B, self.T), -1, dtype=torch.int64)
+        order = self._order()
+        for b in range(self.B):
+            if self.pos == len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = self._order()
+            ids, mask = self.rows[order[self.pos]]
+            self.pos += 1
+            ids, mask = ids[:self.T + 1], mask[:self.T + 1]
+            n = len(ids) - 1
+            x[b, :n] = torch.tensor(ids[:-1])
+            y[b, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()

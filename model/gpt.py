@@ -209,7 +209,8 @@ class GPT(nn.Module):
         logits = F.linear(x, weight)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            # -1: a position the model is not taught (a prompt's token in SFT, padding)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # -- sizes and cost ----------------------------------------------------------

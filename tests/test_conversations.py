@@ -123,3 +123,63 @@ def test_the_chat_template_marks_turns_with_reserved_tokens_that_text_cannot_for
     # asking for a reply: the conversation so far, then <|assistant|>
     assert render_for_reply(sp, messages[:4]) == render_conversation(sp, messages[:4])[0] + [tok[marker("assistant")]]
     assert render_conversation(sp, messages, max_tokens=10) == (want_ids[:10], want_mask[:10])
+
+
+def test_sft_batches_teach_the_assistants_tokens_only_and_resume_exactly(demo_local_run):
+    """The loader's targets, token by token: the next token where the template's mask is 1, -1
+    everywhere else (prompt, system, user, padding); ranks share nothing; a saved position gives
+    the same next batches."""
+    import torch
+
+    from model.chat import ConversationLoader
+    from tasks.tokenizer import load, tokenizer_path
+
+    lake = Lake(demo_local_run[0])
+    sp = load(tokenizer_path(lake, lake.resolve("tokenizer").ref))
+    convs = [[{"role": "user", "content": f"What is {i} + {i}?"},
+              {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}] for i in range(7)]
+    convs[3] = [{"role": "system", "content": "Be brief."}, *convs[3], {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You are welcome."}]
+    rendered = [render_conversation(sp, c) for c in convs]
+    pad = sp.piece_to_id("<|pad|>")
+    loader = ConversationLoader(rendered, batch_size=3, seq_len=24, pad_id=pad, seed=1)
+
+    def row(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        """What a conversation's row must be: its first 25 tokens as input and next-token targets,
+        a target only where the mask is 1, padded to 24."""
+        n = min(len(ids), 25) - 1
+        return (ids[:n] + [pad] * (24 - n),
+                [t if m else -1 for t, m in zip(ids[1:n + 1], mask[1:n + 1])] + [-1] * (24 - n))
+
+    expected = [row(*r) for r in rendered]
+    seen = []
+    for _ in range(3):  # 9 rows: one epoch of 7 and the start of the next
+        x, y = loader.next_batch()
+        seen += [expected.index(got) for got in zip(x.tolist(), y.tolist())]  # ValueError if a row is wrong
+    assert sorted(seen[:7]) == list(range(7))  # each conversation once an epoch
+    # what is learned: the replies and their <|end|>, decoded back to the text
+    _, y = ConversationLoader([rendered[0]], 1, 64, pad).next_batch()
+    assert len(rendered[0][0]) < 64
+    taught = [t for t in y[0].tolist() if t != -1]
+    assert sp.decode(taught[:-1]) == "0 + 0 = 0." and taught[-1] == sp.piece_to_id(END)
+    # the loss ignores -1: only taught positions count
+    logits = torch.randn(1, 64, sp.get_piece_size())
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+    keep = y.view(-1) != -1
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1))[keep],
+                                                                  y.view(-1)[keep]))
+    # two ranks: disjoint conversations; a saved position resumes exactly
+    ranks = [ConversationLoader(rendered, 2, 24, pad, rank=r, world_size=2) for r in (0, 1)]
+    assert len(ranks[0].rows) + len(ranks[1].rows) == 7
+    first = ConversationLoader(rendered, 2, 24, pad, seed=5)
+    first.next_batch()
+    state = first.state_dict()
+    want = [first.next_batch() for _ in range(4)]
+    again = ConversationLoader(rendered, 2, 24, pad, seed=5)
+    again.load_state_dict(state)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(want, [again.next_batch()
+                                                                                          for _ in range(4)]))
+    # a conversation whose reply starts past the context is left out, and counted
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    cut = ConversationLoader([*rendered, render_conversation(sp, long_prompt)], 2, 24, pad)
+    assert cut.too_long == 1 and len(cut.rows) == 7
