@@ -184,13 +184,22 @@ def run_torchrun(cmd: list[str], timeout_s: float, on_line: Callable[[str], None
             killed = f"torchrun {how_it_ended(rc)}"
         elif "rank" in root_cause and "exitcode" in root_cause:
             killed = f"rank {root_cause['rank']} {how_it_ended(int(root_cause['exitcode']))}"
+        # torchrun's own failure when another node of a multi-node run dies: its rendezvous
+        # (hosted by whichever node joined first) is gone
+        rendezvous = next((m for line in reversed(tail) if (m := _RENDEZVOUS_ERROR.search(line))), None)
         if first_error:
             why = first_error.removeprefix("error:").strip()
         elif killed:
             why = f"{killed}; checkpoints written so far are kept, rerun to resume"
+        elif rendezvous:
+            why = (f"the nodes' rendezvous failed ({rendezvous.group(1)}: {rendezvous.group(2).strip()}): a node "
+                   "died or cannot be reached; checkpoints written so far are kept, rerun to resume")
         else:
             why = " | ".join(tail[-3:])
         raise PretrainError(f"training failed (torchrun exit {rc}): {why}")
+
+
+_RENDEZVOUS_ERROR = re.compile(r"\b(Rendezvous\w*Error): (.*)$")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -42,8 +42,10 @@ def test_second_run_is_all_cache_hits(demo_local_run, demo_mirror):
     assert time.time() - t < 120
 
 
-def test_rebuild_one_stage(demo_local_run, demo_mirror):
-    lake_url, _ = demo_local_run
+def test_rebuild_one_stage(demo_local_run, demo_mirror, tmp_path):
+    # on a copy: a rebuild un-commits the version first, and other tests read the reference run's
+    lake_url = str(tmp_path / "lake")
+    shutil.copytree(demo_local_run[0], lake_url)
     lake = Lake(lake_url)
     old = lake.resolve("shard")
     time.sleep(1.1)  # created_at has one-second resolution
