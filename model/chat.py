@@ -91,6 +91,10 @@ class ConversationLoader:
             raise ValueError("loader state is from other conversations or another world size")
         self.epoch, self.pos = state["epoch"], state["pos"]
 
+    def rewind(self) -> None:
+        """Back to the start of this rank's conversations (an evaluation reads the same batches each time)."""
+        self.epoch, self.pos = 0, 0
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.full((self.B, self.T), self.pad, dtype=torch.int64)
         y = torch.full((self.B, self.T), -1, dtype=torch.int64)

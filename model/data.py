@@ -119,6 +119,10 @@ class ShardLoader:
                                                         state["offset"])
         self._rows = None
 
+    def rewind(self) -> None:
+        """Back to the start of this rank's data (an evaluation reads the same batches each time)."""
+        self.epoch, self.unit, self.row, self.offset, self._rows = 0, 0, 0, 0, None
+
     # -- reading ----------------------------------------------------------------
     def _load_unit(self) -> None:
         path, group, start, stop = self.units[self.unit]

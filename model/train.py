@@ -3,11 +3,17 @@
     python -m model.train --data SHARDS --out OUT --preset tiny --max-steps 200
     torchrun --standalone --nproc-per-node 2 -m model.train --data SHARDS --out OUT ...
     python -m model.train --data SHARDS --out OUT --config '{"preset": "tiny", "lr": 3e-4}'
+    python -m model.train --conversations CONVS --init-from BASE/final --out OUT --max-steps 100   # SFT
 
 Every training setting (its default, help text and bounds) is a field of model/config.py's
 TrainConfig: the flags are generated from it (`--help` lists them) and `--config` takes any of
 them as one JSON object (what the `pretrain` stage passes); a flag overrides --config. Only
---data, --out, --tokenizer and --check belong to this command alone.
+--data, --conversations, --init-from, --out, --tokenizer and --check belong to this command alone.
+
+Supervised fine-tuning (SFT) is the same loop on other data: --conversations names a
+`conversations` artifact's folder (train.jsonl, val.jsonl), --init-from a trained model's final/
+folder (its shape, weights and tokenizer); each row of a batch is one conversation rendered by
+model/chat.py, and the loss counts the assistant's tokens only.
 
 One process per device; DDP when WORLD_SIZE > 1 (gloo on CPU, NCCL on CUDA), or FSDP2
 (`fully_shard`) with --fsdp. Rank 0 prints one JSON object per line on stdout:
@@ -82,7 +88,9 @@ class RunError(StopRun):
 @dataclass(frozen=True)
 class Job:
     cfg: TrainConfig
-    data: str                 # shard folder (meta.json + Parquet), local path or fsspec URL
+    data: str | None          # shard folder (meta.json + Parquet), local path or fsspec URL
+    conversations: str | None  # SFT: a conversations folder (train.jsonl, val.jsonl) instead of shards
+    init_from: str | None     # a final/ folder whose weights (and shape, tokenizer) training starts from
     out: str                  # output folder (checkpoints, final weights), local path or fsspec URL
     tokenizer: str | None     # sentencepiece .model to decode samples
     check: bool               # validate the inputs (and resume state), then exit
@@ -90,17 +98,24 @@ class Job:
 
 def parse_args(argv=None) -> Job:
     p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="shard folder (meta.json + Parquet), local path or fsspec URL")
+    p.add_argument("--data", help="shard folder (meta.json + Parquet), local path or fsspec URL")
+    p.add_argument("--conversations", help="SFT: a conversations folder (train.jsonl, val.jsonl) instead of --data")
+    p.add_argument("--init-from", help="a final/ folder to start from: its weights, shape and tokenizer")
     p.add_argument("--out", required=True, help="output folder (checkpoints, final weights), local path or fsspec URL")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (local or fsspec URL) to decode samples")
     p.add_argument("--check", action="store_true", help="validate the inputs (and resume state), then exit")
     add_arguments(p)  # every TrainConfig field, and --config
     ns = p.parse_args(argv)
+    if (ns.data is None) == (ns.conversations is None):
+        p.error("give --data (pretraining) or --conversations (SFT)")
+    if bool(ns.conversations) != bool(ns.init_from):
+        p.error("--conversations and --init-from go together: SFT starts from a trained model")
     try:
         cfg = from_args(ns)
     except ValueError as e:
         p.error(str(e))
-    return Job(cfg=cfg, data=ns.data, out=ns.out, tokenizer=ns.tokenizer, check=ns.check)
+    return Job(cfg=cfg, data=ns.data, conversations=ns.conversations, init_from=ns.init_from, out=ns.out,
+               tokenizer=ns.tokenizer, check=ns.check)
 
 
 # --------------------------------------------------------------------------------------
@@ -179,8 +194,8 @@ class Run:
     tokens_per_step: int              # over all ranks
     accum: int                        # micro-steps per optimizer step
     dtype: str                        # "bf16" (autocast on CUDA) or "fp32"
-    loader: ShardLoader               # this rank's train stream
-    val_loader: ShardLoader | None    # this rank's val stream, if evaluating
+    loader: Any                       # this rank's train stream (ShardLoader, or ConversationLoader in SFT)
+    val_loader: Any                   # this rank's val stream, if evaluating
     bytes_per_token: float | None     # for bits per byte
     sp: Any                           # sentencepiece processor to decode samples, or None
     sp_proto: bytes | None            # its model file
@@ -188,6 +203,7 @@ class Run:
     fs: Any                           # the output's filesystem
     root: str                         # the output folder on it
     resume: str | None                # the checkpoint to resume from
+    init_weights: bytes | None = None  # safetensors of --init-from, loaded before training
 
 
 def load_tokenizer(path: str | None):
@@ -202,17 +218,33 @@ def load_tokenizer(path: str | None):
 def setup(job: Job, dist: Dist) -> Run:
     """Raises UsageError with one line naming the problem."""
     cfg = job.cfg
-    try:
-        meta = read_meta(job.data)
-        train_files = shard_files(job.data, "train")
-    except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read the shard folder {job.data}: {type(e).__name__}: {e}") from None
-    data_vocab = int(meta["vocab_size"])
-    vocab = cfg.vocab_size or data_vocab
-    if vocab < data_vocab:
-        raise UsageError(f"model vocab_size {vocab} is smaller than the shards' vocab_size {data_vocab} "
-                         f"(meta.json of {job.data})")
-    gpt = config_from_preset(cfg.preset, vocab_size=vocab, dropout=cfg.dropout)
+    init_weights, tokenizer = None, job.tokenizer
+    if job.conversations:  # SFT: the base model's shape, weights and tokenizer
+        try:
+            with fsspec.open(f"{job.init_from}/config.json", "rt") as f:
+                base = json.load(f)
+            with fsspec.open(f"{job.init_from}/model.safetensors", "rb") as f:
+                init_weights = f.read()
+        except (FileNotFoundError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read the model to start from, {job.init_from}: {type(e).__name__}: {e}") from None
+        gpt = GPTConfig(**{k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(GPTConfig)}})
+        data_vocab = gpt.vocab_size
+        meta = {"vocab_size": data_vocab, "bos_id": base.get("bos_id"), "splits": {}}
+        tokenizer = tokenizer or (f"{job.init_from}/{base['tokenizer']}" if base.get("tokenizer") else None)
+        if tokenizer is None:
+            raise UsageError(f"{job.init_from} holds no tokenizer.model: SFT renders conversations with it")
+    else:
+        try:
+            meta = read_meta(job.data)
+            train_files = shard_files(job.data, "train")
+        except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read the shard folder {job.data}: {type(e).__name__}: {e}") from None
+        data_vocab = int(meta["vocab_size"])
+        vocab = cfg.vocab_size or data_vocab
+        if vocab < data_vocab:
+            raise UsageError(f"model vocab_size {vocab} is smaller than the shards' vocab_size {data_vocab} "
+                             f"(meta.json of {job.data})")
+        gpt = config_from_preset(cfg.preset, vocab_size=vocab, dropout=cfg.dropout)
     T = cfg.seq_len or gpt.seq_len
     if T > gpt.seq_len:
         raise UsageError(f"--seq-len {T} exceeds the model's seq_len {gpt.seq_len} (preset {cfg.preset})")
@@ -226,6 +258,46 @@ def setup(job: Job, dist: Dist) -> Run:
     if cfg.dtype == "bf16" and not dist.cuda:
         note(dist, "--dtype bf16 applies on CUDA only; training in fp32 on CPU")
     dtype = "bf16" if dist.cuda and cfg.dtype in ("auto", "bf16") else "fp32"
+    try:
+        sp, sp_proto = load_tokenizer(tokenizer)
+    except (FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError) as e:  # not an outage
+        raise UsageError(f"cannot load the tokenizer {tokenizer}: {e}") from None
+    if job.conversations:
+        loader, val_loader, data = conversation_loaders(job, dist, sp, T)
+        data["init_sha256"] = hashlib.sha256(init_weights).hexdigest()
+    else:
+        loader, val_loader = shard_loaders(job, dist, meta, train_files, T)
+        data = {"vocab_size": data_vocab, "bos_id": meta.get("bos_id"), "train_files": meta["splits"]["train"]["files"]}
+    bytes_per_token = cfg.bytes_per_token or meta.get("bytes_per_token")
+
+    run_config = {  # what shapes the run: a resume must match it
+        "model": gpt.to_dict(),
+        "train": {"preset": cfg.preset, "batch_size": cfg.batch_size, "seq_len": T,
+                  "tokens_per_step": tokens_per_step, "world_size": dist.world, "max_steps": cfg.max_steps,
+                  "lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "schedule": cfg.schedule,
+                  "min_lr_ratio": cfg.min_lr_ratio, "decay_fraction": cfg.decay_fraction,
+                  "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+                  "dtype": dtype, "fsdp": cfg.fsdp},
+        "data": data,
+    }
+    fs, root = fsspec.core.url_to_fs(job.out)
+    resume = None
+    complete = [c for c in list_checkpoints(fs, root) if c[2]]
+    if complete:
+        step, path, _ = complete[-1]
+        saved = json.loads(read_bytes(fs, f"{path}/config.json"))
+        diff = config_diff(saved, run_config)
+        if diff:
+            raise UsageError(f"cannot resume from {path}: the run's configuration changed: " + "; ".join(diff))
+        resume = path
+    return Run(meta=meta, gpt=gpt, seq_len=T, tokens_per_step=tokens_per_step, accum=tokens_per_step // micro,
+               dtype=dtype, loader=loader, val_loader=val_loader, bytes_per_token=bytes_per_token, sp=sp,
+               sp_proto=sp_proto, run_config=run_config, fs=fs, root=root, resume=resume, init_weights=init_weights)
+
+
+def shard_loaders(job: Job, dist: Dist, meta: dict, train_files: list[str], T: int):
+    """(train loader, val loader or None) of a shard folder, for this rank."""
+    cfg = job.cfg
     try:
         loader = ShardLoader(train_files, cfg.batch_size, T, dist.rank, dist.world)
     except (ValueError, FileNotFoundError) as e:
@@ -244,36 +316,40 @@ def setup(job: Job, dist: Dist) -> Run:
                 raise UsageError(f"val split: {e}; or set eval_every 0") from None
         except FileNotFoundError as e:
             raise UsageError(f"val split: {e}") from None
-    bytes_per_token = cfg.bytes_per_token or meta.get("bytes_per_token")
-    try:
-        sp, sp_proto = load_tokenizer(job.tokenizer)
-    except (FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError) as e:  # not an outage
-        raise UsageError(f"cannot load the tokenizer {job.tokenizer}: {e}") from None
+    return loader, val_loader
 
-    run_config = {  # what shapes the run: a resume must match it
-        "model": gpt.to_dict(),
-        "train": {"preset": cfg.preset, "batch_size": cfg.batch_size, "seq_len": T,
-                  "tokens_per_step": tokens_per_step, "world_size": dist.world, "max_steps": cfg.max_steps,
-                  "lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "schedule": cfg.schedule,
-                  "min_lr_ratio": cfg.min_lr_ratio, "decay_fraction": cfg.decay_fraction,
-                  "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
-                  "dtype": dtype, "fsdp": cfg.fsdp},
-        "data": {"vocab_size": data_vocab, "bos_id": meta.get("bos_id"),
-                 "train_files": meta["splits"]["train"]["files"]},
-    }
-    fs, root = fsspec.core.url_to_fs(job.out)
-    resume = None
-    complete = [c for c in list_checkpoints(fs, root) if c[2]]
-    if complete:
-        step, path, _ = complete[-1]
-        saved = json.loads(read_bytes(fs, f"{path}/config.json"))
-        diff = config_diff(saved, run_config)
-        if diff:
-            raise UsageError(f"cannot resume from {path}: the run's configuration changed: " + "; ".join(diff))
-        resume = path
-    return Run(meta=meta, gpt=gpt, seq_len=T, tokens_per_step=tokens_per_step, accum=tokens_per_step // micro,
-               dtype=dtype, loader=loader, val_loader=val_loader, bytes_per_token=bytes_per_token, sp=sp,
-               sp_proto=sp_proto, run_config=run_config, fs=fs, root=root, resume=resume)
+
+def conversation_loaders(job: Job, dist: Dist, sp, T: int):
+    """(train loader, val loader or None, what a resume must match) of a conversations folder:
+    every conversation rendered with the chat template, for this rank."""
+    from model.chat import ConversationLoader, render_conversation
+
+    cfg, pad = job.cfg, sp.piece_to_id("<|pad|>")
+
+    def rendered(split: str) -> list:
+        try:
+            with fsspec.open(f"{job.conversations}/{split}.jsonl", "rt", encoding="utf-8") as f:
+                return [render_conversation(sp, json.loads(line)["messages"]) for line in f if line.strip()]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError) as e:
+            raise UsageError(f"cannot read the conversations {job.conversations}/{split}.jsonl: "
+                             f"{type(e).__name__}: {e}") from None
+
+    train = rendered("train")
+    try:
+        loader = ConversationLoader(train, cfg.batch_size, T, pad, dist.rank, dist.world, seed=cfg.seed)
+    except ValueError as e:
+        raise UsageError(f"train conversations: {e}") from None
+    if loader.too_long:
+        note(dist, f"{loader.too_long} conversation(s) left out: their first reply starts past {T + 1} tokens")
+    val_loader, val = None, rendered("val") if cfg.eval_every else []
+    if val:
+        for ranks in ((dist.rank, dist.world), (0, 1)):  # fewer than the ranks: every rank evaluates them all
+            try:
+                val_loader = ConversationLoader(val, cfg.batch_size, T, pad, *ranks)
+                break
+            except ValueError:
+                continue
+    return loader, val_loader, {"vocab_size": sp.get_piece_size(), "conversations": len(train)}
 
 
 def setup_together(job: Job, dist: Dist) -> Run:
@@ -299,6 +375,8 @@ def build(cfg: TrainConfig, dist: Dist, run: Run) -> tuple[GPT, torch.optim.Opti
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with torch.device(dist.device):  # built (and initialised) where it will train
         raw = GPT(run.gpt)
+    if run.init_weights is not None:  # SFT: start from the base model (a resume then loads its checkpoint)
+        raw.load_state_dict(load_safetensors(run.init_weights))
     raw.activation_checkpointing = cfg.activation_checkpointing
     if cfg.fsdp and dist.world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -378,7 +456,7 @@ class Progress:
 def evaluate(cfg: TrainConfig, dist: Dist, run: Run, model: torch.nn.Module) -> float:
     """Mean loss over eval_steps batches of the val split, from its start, over all ranks."""
     vl = run.val_loader
-    vl.load_state_dict({**vl.state_dict(), "epoch": 0, "unit": 0, "row": 0, "offset": 0})
+    vl.rewind()
     model.eval()
     total = torch.zeros((), device=dist.device)
     for _ in range(cfg.eval_steps):
