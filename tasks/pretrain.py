@@ -32,13 +32,14 @@ from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 CODE_VERSION = "pretrain/3"  # 3: every TrainConfig setting is a parameter (and part of the version)
 
 
-def pydantic_fields(config: type) -> dict[str, Any]:
+def pydantic_fields(config: type, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """A settings dataclass's fields as pydantic field definitions: the same types (a Literal
-    becomes a dropdown in the Prefect form), defaults, bounds (ge/gt/le/lt) and help
-    (the description)."""
-    fields = {}
+    becomes a dropdown in the Prefect form), defaults (`defaults` replaces some: a stage that
+    trains differently), bounds (ge/gt/le/lt) and help (the description)."""
+    fields, defaults = {}, defaults or {}
     for s in settings(config):
-        default = {"default_factory": s.factory} if s.factory is not None else {"default": s.default}
+        default = {"default": defaults[s.name]} if s.name in defaults else \
+            {"default_factory": s.factory} if s.factory is not None else {"default": s.default}
         fields[s.name] = (s.type, Field(**default, description=s.help, **s.bounds))
     return fields
 
@@ -105,21 +106,20 @@ class PretrainError(StageError):
     pass
 
 
-def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str, run_id: str = "none") -> list[str]:
+def torchrun_command(params: PretrainParams, data: str, out: str, tokenizer: str, run_id: str = "none",
+                     inputs: list[str] | None = None) -> list[str]:
     """`run_id`: the rendezvous' id (the version: every node computes the same, and another run
-    on the same endpoint is refused rather than joined)."""
+    on the same endpoint is refused rather than joined). `inputs`: model.train's input arguments
+    instead of `--data data --tokenizer tokenizer` (SFT's `--conversations … --init-from …`)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(params.nproc_per_node)]
     if params.nnodes > 1 or params.rdzv_endpoint:
         launcher += ["--nnodes", str(params.nnodes), "--rdzv-backend", "c10d",
                      "--rdzv-endpoint", params.rdzv_endpoint or "127.0.0.1:29500", "--rdzv-id", run_id]
     else:
         launcher += ["--standalone"]
-    return launcher + ["-m", "model.train", *train_argv(params, data, out, tokenizer)]
-
-
-def train_argv(params: PretrainParams, data: str, out: str, tokenizer: str) -> list[str]:
-    """model.train's arguments: where to read and write, and all the settings as one JSON."""
-    return ["--data", data, "--out", out, "--tokenizer", tokenizer, "--config", params.train_config().to_json()]
+    inputs = inputs if inputs is not None else ["--data", data, "--tokenizer", tokenizer]
+    # where to read and write, and all the settings as one JSON
+    return launcher + ["-m", "model.train", *inputs, "--out", out, "--config", params.train_config().to_json()]
 
 
 def torchrun_env(params: PretrainParams) -> dict[str, str]:
@@ -240,10 +240,10 @@ def loss_plot_png(history: list[dict]) -> bytes:
 class _Progress:
     """A progress artifact (and log lines) following the training steps."""
 
-    def __init__(self, max_steps: int, log: Callable[[str], None]):
+    def __init__(self, max_steps: int, log: Callable[[str], None], kind: str = "pretrain"):
         self.max_steps, self.log, self.id, self.last = max_steps, log, None, 0.0
         self.history: list[dict] = []
-        self.id = runtime().progress("training steps", key="pretrain-progress")
+        self.id = runtime().progress("training steps", key=f"{kind}-progress")
 
     def __call__(self, line: str) -> None:
         record = None
@@ -278,36 +278,45 @@ def pretrain(lake: Lake, params: PretrainParams, log: Callable[[str], None] = pr
 
     def build(prod: Production) -> None:
         progress = launch_training(lake, params, source, prod.version, log, "launching")
-        with lake.fs.open(prod.path("metrics.json"), "rb") as f:
-            history = json.load(f)
-        history = history.get("history", history) if isinstance(history, dict) else history
-        png = loss_plot_png(history)
-        prod.write_bytes("loss.png", png)
-        last = [h for h in history if "loss" in h][-1]
-        vals = [h for h in history if h.get("val_loss") is not None]
-        speeds = sorted(h["tokens_per_s"] for h in progress.history if h.get("tokens_per_s"))
-        prod.metrics.update({"steps": last["step"], "final_loss": round(last["loss"], 4),
-                             "val_loss": round(vals[-1]["val_loss"], 4) if vals else None,
-                             "val_bpb": round(vals[-1]["val_bpb"], 4) if vals and vals[-1].get("val_bpb") else None,
-                             "tokens_per_s_median": round(speeds[len(speeds) // 2]) if speeds else None,
-                             "tokenizer": tokenizer_ref})
-        publish(prod.ref, png, progress.history)
+        record_training(lake, prod, progress)
+        prod.metrics["tokenizer"] = tokenizer_ref
 
     return run_stage(lake, "pretrain", params.recipe(), [source.ref, tokenizer_ref], CODE_VERSION, build, rebuild=params.rebuild)
 
 
+def record_training(lake: Lake, prod: Production, progress: _Progress) -> None:
+    """What the trainer wrote into the version, in its manifest and the UI: the loss curve
+    (loss.png and a markdown artifact), the final and validation losses, the median speed."""
+    with lake.fs.open(prod.path("metrics.json"), "rb") as f:
+        history = json.load(f)
+    history = history.get("history", history) if isinstance(history, dict) else history
+    png = loss_plot_png(history)
+    prod.write_bytes("loss.png", png)
+    last = [h for h in history if "loss" in h][-1]
+    vals = [h for h in history if h.get("val_loss") is not None]
+    speeds = sorted(h["tokens_per_s"] for h in progress.history if h.get("tokens_per_s"))
+    prod.metrics.update({"steps": last["step"], "final_loss": round(last["loss"], 4),
+                         "val_loss": round(vals[-1]["val_loss"], 4) if vals else None,
+                         "val_bpb": round(vals[-1]["val_bpb"], 4) if vals and vals[-1].get("val_bpb") else None,
+                         "tokens_per_s_median": round(speeds[len(speeds) // 2]) if speeds else None})
+    publish(prod.ref, png, progress.history)
+
+
 def launch_training(lake: Lake, params: PretrainParams, source: Manifest, version: str,
-                    log: Callable[[str], None], what: str) -> _Progress:
-    """torchrun -m model.train on the shard version `source`, writing into the pretrain
-    `version`'s folder (a path or fsspec URL, the same on every node: checkpoints land in the
-    version, so a rerun resumes); returns what it reported (progress, timings)."""
-    cmd = torchrun_command(params, lake.uri(source.kind, source.version), lake.uri("pretrain", version),
-                           lake.file_uri(source, "tokenizer.model"), run_id=f"pretrain-{version}")
+                    log: Callable[[str], None], what: str, kind: str = "pretrain",
+                    inputs: list[str] | None = None) -> _Progress:
+    """torchrun -m model.train on the shard version `source` (or on `inputs`, model.train's
+    input arguments), writing into the `kind` `version`'s folder (a path or fsspec URL, the same
+    on every node: checkpoints land in the version, so a rerun resumes); returns what it
+    reported (progress, timings)."""
+    cmd = torchrun_command(params, lake.uri(source.kind, source.version), lake.uri(kind, version),
+                           lake.file_uri(source, "tokenizer.model") if inputs is None else "",
+                           run_id=f"{kind}-{version}", inputs=inputs)
     # every rank checks the inputs (shapes, vocabulary, resume state) before it builds the
     # model: bad input ends the launch in seconds, with model.train's one line and exit 2
     env = torchrun_env(params)  # once: it may load S3 credentials from a Prefect Secret block
     log(f"{what}: " + " ".join(cmd))
-    progress = _Progress(params.max_steps, log)
+    progress = _Progress(params.max_steps, log, kind)
     run_torchrun(cmd, params.timeout_s, progress, env=env)
     return progress
 
@@ -335,13 +344,14 @@ def train_beside_node_0(lake: Lake, params: PretrainParams, source: Manifest, to
 
 
 def publish(ref: str, png: bytes, history: list[dict]) -> None:
+    kind = ref.split("@", 1)[0]
     img = base64.b64encode(png).decode()
-    runtime().markdown("pretrain-loss", f"# Loss curve of `{ref}`\n\n![loss curve](data:image/png;base64,{img})",
+    runtime().markdown(f"{kind}-loss", f"# Loss curve of `{ref}`\n\n![loss curve](data:image/png;base64,{img})",
                        f"{ref}: training and validation loss")
     steps = [h for h in history if "loss" in h]
     rows = [{k: h.get(k) for k in ("step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s")}
             for h in steps if h.get("val_loss") is not None or h is steps[-1]]
-    runtime().table("pretrain-metrics", rows, f"{ref}: metrics at each evaluation")
+    runtime().table(f"{kind}-metrics", rows, f"{ref}: metrics at each evaluation")
 
 
 def summary(x: dict) -> str:

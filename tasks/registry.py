@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from tasks import conversations, dedup, download, filter as filter_, ingest, pretrain, shard, tokenizer
+from tasks import conversations, dedup, download, filter as filter_, ingest, pretrain, sft, shard, tokenizer
 from tasks.lake import Lake, Manifest
 from tasks.stage import StageParams, Strict, input_kinds
 
@@ -87,6 +87,9 @@ for _stage in [
           "a GPT trained with torchrun on a shard version", pool="gpu"),
     Stage("conversations", conversations.ConversationsParams, conversations.build_conversations,
           conversations.summary, "conversation files (messages, GSM8K, SGD) validated and split for post-training",
+          in_pipeline=False),
+    Stage("sft", sft.SftParams, sft.sft, sft.summary,
+          "a model fine-tuned on conversations (the assistant's replies), with torchrun", pool="gpu",
           in_pipeline=False),
 ]:
     register(_stage)

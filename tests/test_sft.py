@@ -92,3 +92,30 @@ def test_sft_arguments_go_together(tmp_path):
     r = subprocess.run([sys.executable, "-m", "model.train", "--conversations", str(tmp_path), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--conversations and --init-from go together" in r.stderr
+
+
+def test_the_sft_stage_commits_a_chat_model_with_its_lineage(demo_local_run, sft_inputs, tmp_path):
+    """`stage sft` on the demo's pretrain version and 300 GSM8K conversations: a version whose
+    lineage holds both, whose final/ model loads like a pretrain's, and whose rerun is a cache hit."""
+    from model.sample import load
+    from tasks.sft import SftParams, sft
+    from tests.conftest import copy_version
+
+    lake = Lake(str(tmp_path / "lake"))
+    base = copy_version(Lake(demo_local_run[0]), lake, "pretrain")
+    convs = build_conversations(lake, ConversationsParams(files=[f"gsm8k:{sft_inputs['work'] / 'gsm8k.jsonl'}"]),
+                                log=lambda s: None)
+    params = SftParams(model=base, conversations=convs.ref, max_steps=6, eval_every=3, eval_steps=1, batch_size=4,
+                       seq_len=128, nproc_per_node=2, checkpoint_every=3)
+    m = sft(lake, params, log=lambda s: None)
+    assert m.kind == "sft" and m.inputs == [base, convs.ref]
+    assert m.metrics["steps"] == 6 and m.metrics["val_loss"] is not None and m.metrics["conversations"] == convs.metrics["train"]
+    assert {"final/model.safetensors", "final/config.json", "final/tokenizer.model", "loss.png"} <= {f["path"] for f in m.files}
+    model, config, sp = load(lake.path("sft", m.version, "final"), device="cpu")
+    base_config = json.loads(open(lake.path("pretrain", Lake(demo_local_run[0]).resolve("pretrain").version,
+                                            "final", "config.json")).read())
+    assert {k: config[k] for k in ("n_layer", "n_embd", "vocab_size")} == \
+        {k: base_config[k] for k in ("n_layer", "n_embd", "vocab_size")}
+    assert sft(lake, params, log=lambda s: None).created_at == m.created_at  # the same version: a cache hit
+    lineage = json.dumps(lake.lineage(m.ref))
+    assert base in lineage and convs.ref in lineage and "shard@" in lineage
