@@ -384,6 +384,67 @@ def cmd_sample(lake: Lake, args) -> int:
     return 0
 
 
+def cmd_chat(lake: Lake, args) -> int:
+    """`chat`: talk with an sft (or pretrain) version in the terminal, or answer one --prompt."""
+    from model.chat import fit_context, stream_reply, stream_text
+    from model.sample import load
+
+    m = lake.resolve(args.model)
+    if m.kind not in ("sft", "pretrain"):
+        raise UsageError(f"--model must be an sft or pretrain version, not {m.ref}")
+    model, config, sp = load(lake.file_uri(m, "final"))
+    limit = model.config.seq_len - min(args.max_new_tokens, model.config.seq_len // 2)  # room for the reply
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    seed = args.seed
+
+    def reply(text: str, show: bool) -> tuple[str, int]:
+        nonlocal history, seed
+        try:
+            messages, dropped = fit_context(sp, [*system, *history, {"role": "user", "content": text}], limit)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        history = messages[len(system):]
+        pieces = []
+        for piece in stream_text(sp, stream_reply(model, sp, messages, args.max_new_tokens, args.temperature,
+                                                  args.top_k, args.top_p, seed)):
+            pieces.append(piece)
+            if show:
+                print(piece, end="", flush=True)
+        seed = None if seed is None else seed + 1  # another draw next turn, the same session each run
+        history.append({"role": "assistant", "content": "".join(pieces)})
+        return "".join(pieces), dropped
+
+    if args.prompt is not None:
+        text, dropped = reply(args.prompt, show=False)
+        if args.json:
+            print(json.dumps({"model": m.ref, "reply": text, "dropped_messages": dropped}, ensure_ascii=False))
+        else:
+            print(text)
+        return 0
+    print(f"chatting with {m.ref} ({model.config.seq_len}-token context); /reset starts over, /quit ends")
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if text.strip() == "/quit":
+            return 0
+        if text.strip() == "/reset":
+            history = []
+            print("(a new conversation)")
+            continue
+        if not text.strip():
+            continue
+        print("assistant> ", end="", flush=True)
+        _, dropped = reply(text, show=True)
+        print()
+        if dropped:
+            print(f"(the {dropped} oldest message(s) no longer fit the model's {model.config.seq_len}-token "
+                  "context: dropped)")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -460,6 +521,18 @@ def build_parser() -> Parser:
     smp.add_argument("--top-p", type=float, default=None)
     smp.add_argument("--seed", type=int, default=0)
     smp.set_defaults(func=cmd_sample)
+
+    cht = sub.add_parser("chat", help="talk with a fine-tuned model (a terminal REPL, or one --prompt)")
+    cht.add_argument("--model", default="sft@latest", help="sft (or pretrain) version (default: sft@latest)")
+    cht.add_argument("--system", default=None, help="a system prompt (who the assistant is, how it answers)")
+    cht.add_argument("--prompt", default=None, help="answer this one message and exit")
+    cht.add_argument("--json", action="store_true", help="with --prompt: the reply as JSON")
+    cht.add_argument("--max-new-tokens", type=int, default=128)
+    cht.add_argument("--temperature", type=float, default=0.8)
+    cht.add_argument("--top-k", type=int, default=50)
+    cht.add_argument("--top-p", type=float, default=None)
+    cht.add_argument("--seed", type=int, default=0)
+    cht.set_defaults(func=cmd_chat)
 
     mir = sub.add_parser("demo-mirror", help="build a small Common Crawl-layout mirror in DIR")
     mir.add_argument("dir")

@@ -114,3 +114,61 @@ class ConversationLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()
+
+
+def fit_context(sp, messages: list[dict], limit: int) -> tuple[list[dict], int]:
+    """The conversation cut to leave room for a reply within `limit` tokens: the system message
+    (if any) and the newest turns, the oldest dropped first, a user/assistant pair at a time;
+    (the messages kept, how many were dropped). The last message, the user's, is always kept:
+    a ValueError when it alone does not fit."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns, dropped = messages[len(system):], 0
+    while len(render_for_reply(sp, system + turns)) > limit:
+        if len(turns) <= 1:
+            n = len(render_for_reply(sp, system + turns))
+            raise ValueError(f"the message needs {n} tokens with the system prompt; the model's context holds "
+                             f"{limit} with room for a reply")
+        cut = 2 if len(turns) > 2 else 1
+        turns, dropped = turns[cut:], dropped + cut
+    return system + turns, dropped
+
+
+@torch.no_grad()
+def stream_reply(model, sp, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int | None = 50, top_p: float | None = None, seed: int | None = None) -> Iterator[int]:
+    """The assistant's reply to `messages` (the last one the user's), token by token, with a KV
+    cache; it ends at <|end|>, at max_new_tokens, or when the context is full."""
+    from model.gpt import KVCache, sample_next
+
+    device = model.wte.weight.device
+    ids = render_for_reply(sp, messages)
+    end, L = special_ids(sp)[END], model.config.seq_len
+    if len(ids) >= L:
+        raise ValueError(f"the conversation is {len(ids)} tokens; the model's context is {L} (fit_context cuts it)")
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = KVCache(model.config, 1)
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache)
+    for _ in range(max_new_tokens):
+        next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+        token = int(next_id)
+        if token == end:
+            return
+        yield token
+        if cache.pos >= L:
+            return
+        logits, _ = model(next_id, cache=cache)
+
+
+def stream_text(sp, tokens: Iterator[int]) -> Iterator[str]:
+    """Decoded text as tokens arrive: each piece once its characters are whole (byte-fallback
+    tokens of one character arrive separately)."""
+    ids, shown = [], ""
+    for t in tokens:
+        ids.append(t)
+        text = sp.decode(ids)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = sp.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]

@@ -119,3 +119,62 @@ def test_the_sft_stage_commits_a_chat_model_with_its_lineage(demo_local_run, sft
     assert sft(lake, params, log=lambda s: None).created_at == m.created_at  # the same version: a cache hit
     lineage = json.dumps(lake.lineage(m.ref))
     assert base in lineage and convs.ref in lineage and "shard@" in lineage
+
+
+def test_chat_in_a_terminal_and_for_scripts(demo_local_run):
+    """`crawl2model chat` through a pseudo-terminal: a system prompt, two turns streamed back,
+    /reset, /quit; `--prompt --json` answers one turn, the same reply for the same seed; a
+    conversation longer than the context drops its oldest turns and says so."""
+    import pty
+    import select
+
+    lake = demo_local_run[0]
+    cmd = [str(BIN / "crawl2model"), "--lake", lake, "chat", "--model", "pretrain@latest", "--system",
+           "You are Lakeside.", "--max-new-tokens", "24"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def until(marker: bytes, count: int, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.time() + timeout
+        while seen.count(marker) < count:
+            assert time.time() < deadline, seen.decode(errors="replace")[-2000:]
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+
+    until(b"you> ", 1)
+    assert b"chatting with pretrain@" in seen
+    for n, line in enumerate([b"What is 2 + 2?\n", b"And 3 + 3?\n", b"/reset\n"], start=2):
+        os.write(master, line)
+        until(b"you> ", n)
+    os.write(master, b"/quit\n")
+    assert proc.wait(60) == 0
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert text.count("assistant> ") == 2 and "(a new conversation)" in text
+
+    one = [*cmd[:3], "chat", "--model", "pretrain@latest", "--prompt", "What is 2 + 2?", "--json", "--seed", "7",
+           "--max-new-tokens", "16"]
+    a, b = (subprocess.run(one, capture_output=True, text=True, timeout=120) for _ in range(2))
+    assert a.returncode == 0 and json.loads(a.stdout)["reply"] == json.loads(b.stdout)["reply"], a.stderr[-2000:]
+    assert json.loads(a.stdout)["dropped_messages"] == 0
+
+    from model.chat import fit_context, render_for_reply
+    from tasks.tokenizer import load, tokenizer_path
+
+    demo = Lake(lake)
+    sp = load(tokenizer_path(demo, demo.resolve("tokenizer").ref))
+    long = [{"role": "system", "content": "You are Lakeside."}]
+    for i in range(12):
+        long += [{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    long.append({"role": "user", "content": "The last question?"})
+    kept, dropped = fit_context(sp, long, 64)
+    assert kept[0] == long[0] and kept[-1] == long[-1] and len(render_for_reply(sp, kept)) <= 64
+    assert dropped > 0 and kept[1:] == long[1 + dropped:] and kept[1]["role"] == "user"
+    with pytest.raises(ValueError, match="the model's context holds 8"):
+        fit_context(sp, long, 8)
