@@ -9,6 +9,7 @@ tokenizer) like a pretrain version's, so an `sft` version can be fine-tuned agai
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, ClassVar
 
 from pydantic import Field, create_model
@@ -16,6 +17,7 @@ from pydantic import Field, create_model
 from model.config import TrainConfig
 from tasks.lake import Lake, Manifest, Production
 from tasks.pretrain import TRAIN_FIELDS, launch_training, pydantic_fields, record_training
+from tasks.report import runtime
 from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "sft/1"
@@ -58,9 +60,48 @@ def sft(lake: Lake, params: SftParams, log: Callable[[str], None] = print) -> Ma
         progress = launch_training(lake, params, base, prod.version, log, "launching", kind="sft", inputs=args)
         record_training(lake, prod, progress)
         prod.metrics["conversations"] = conversations.metrics.get("train")
+        prod.metrics["dialogues"] = sample_dialogues(lake, prod, conversations, params)
+        runtime().markdown("sft-dialogues", dialogues_markdown(prod.ref, prod.metrics["dialogues"]),
+                           f"{prod.ref}: its replies to held-out questions")
 
     return run_stage(lake, "sft", params.recipe(), [base.ref, conversations.ref], CODE_VERSION, build,
                      rebuild=params.rebuild)
+
+
+def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, params: SftParams,
+                     count: int = 3) -> list[dict]:
+    """The fine-tuned model's replies to the first user message of `count` held-out conversations
+    (the training ones when none is held out), beside the reference reply: seeded, so the same
+    version shows the same dialogues."""
+    from model.chat import fit_context, stream_reply, stream_text
+    from model.sample import load
+    from tasks.conversations import read_conversations
+
+    model, _, sp = load(lake.path("sft", prod.version, "final"), device="cpu")
+    held = list(itertools.islice(read_conversations(lake, conversations, "val"), count)) or \
+        list(itertools.islice(read_conversations(lake, conversations, "train"), count))
+    out = []
+    for i, conv in enumerate(held):
+        first = next(j for j, m in enumerate(conv) if m["role"] == "user")
+        limit = model.config.seq_len - min(params.sample_tokens, model.config.seq_len // 4)
+        try:
+            messages, _ = fit_context(sp, conv[:first + 1], limit)
+        except ValueError:
+            continue  # a question that leaves no room for a reply in the context: not shown
+        reply = "".join(stream_text(sp, stream_reply(model, sp, messages, params.sample_tokens, params.temperature,
+                                                     params.top_k, None, params.seed + i)))
+        out.append({"user": conv[first]["content"], "assistant": reply,
+                    "reference": conv[first + 1]["content"] if first + 1 < len(conv) else None})
+    return out
+
+
+def dialogues_markdown(ref: str, dialogues: list[dict]) -> str:
+    lines = [f"# Sample dialogues of `{ref}`", ""]
+    for d in dialogues:
+        lines += [f"**user:** {d['user']}", "", f"**assistant:** {d['assistant']}", ""]
+        if d.get("reference"):
+            lines += [f"_reference:_ {d['reference']}", ""]
+    return "\n".join(lines)
 
 
 def summary(x: dict) -> str:

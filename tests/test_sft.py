@@ -116,6 +116,14 @@ def test_the_sft_stage_commits_a_chat_model_with_its_lineage(demo_local_run, sft
                                             "final", "config.json")).read())
     assert {k: config[k] for k in ("n_layer", "n_embd", "vocab_size")} == \
         {k: base_config[k] for k in ("n_layer", "n_embd", "vocab_size")}
+    # its replies to held-out questions, beside the reference answers (the Prefect artifact shows them)
+    from tasks.conversations import read_conversations
+
+    held = [c[0]["content"] for c in read_conversations(lake, convs, "val")][:3]
+    shown = [d["user"] for d in m.metrics["dialogues"]]  # those that leave room for a reply in 128 tokens
+    assert shown and shown == [q for q in held if q in shown]
+    assert all(isinstance(d["assistant"], str) for d in m.metrics["dialogues"])
+    assert all(d["reference"].endswith(".") for d in m.metrics["dialogues"])
     assert sft(lake, params, log=lambda s: None).created_at == m.created_at  # the same version: a cache hit
     lineage = json.dumps(lake.lineage(m.ref))
     assert base in lineage and convs.ref in lineage and "shard@" in lineage
