@@ -83,6 +83,25 @@ def demo_run(folder: Path):
     return lake
 
 
+def sample_runs(lake, mirror: Path, segments: tuple[int, ...] = (1, 2)):
+    """download -> filter -> dedup -> tokenizer -> shard of 1 and 2 of the benchmark crawl's files
+    into `lake`: runs of two sizes, which `plan` fits a fixed part and a part per unit to."""
+    from tasks.dedup import DedupParams
+    from tasks.download import DownloadParams, download
+    from tasks.filter import FilterParams, filter_documents
+    from tasks.registry import stage
+    from tasks.shard import ShardParams
+    from tasks.tokenizer import TokenizerParams
+
+    for n in segments:
+        d = download(lake, DownloadParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=n), log=lambda m: None)
+        f = filter_documents(lake, FilterParams(input=d.ref), log=lambda m: None)
+        dd = stage("dedup").run(lake, DedupParams(input=f.ref), log=lambda m: None)
+        t = stage("tokenizer").run(lake, TokenizerParams(input=dd.ref, vocab_size=4096), log=lambda m: None)
+        stage("shard").run(lake, ShardParams(input=dd.ref, tokenizer=t.ref), log=lambda m: None)
+    return lake
+
+
 def run() -> None:
     from tasks.dedup import DedupParams
     from tasks.download import DownloadParams, download
@@ -135,14 +154,7 @@ def run() -> None:
         cpu["dedup"] = stage("dedup").run(lake, DedupParams(), log=lambda m: None).metrics["cpu_seconds"]
         stage("tokenizer").run(lake, TokenizerParams(vocab_size=4096), log=lambda m: None)
         cpu["shard"] = stage("shard").run(lake, ShardParams(), log=lambda m: None).metrics["cpu_seconds"]
-        samples = Lake(str(work / "sample-lake"))
-        for segments in (1, 2):
-            d = download(samples, DownloadParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=segments),
-                         log=lambda m: None)
-            f = filter_documents(samples, FilterParams(input=d.ref), log=lambda m: None)
-            dd = stage("dedup").run(samples, DedupParams(input=f.ref), log=lambda m: None)
-            t = stage("tokenizer").run(samples, TokenizerParams(input=dd.ref, vocab_size=4096), log=lambda m: None)
-            stage("shard").run(samples, ShardParams(input=dd.ref, tokenizer=t.ref), log=lambda m: None)
+        samples = sample_runs(Lake(str(work / "sample-lake")), mirror)
         for source, measured_lake in (("the demo preset's run", demo_run(work)),
                                       ("runs of 1 and 2 of its files", samples)):
             p = plan(measured_lake, PlanParams(crawl=CRAWL, base_url=f"file://{mirror}/", workers=2))

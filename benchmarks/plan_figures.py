@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_scale import CRAWL, bench_mirror
+from benchmarks.bench_scale import bench_mirror, sample_runs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LISTED = "CC-MAIN-2025-47"
@@ -24,28 +24,16 @@ ARGS = ["--bytes-per-file", "1000000000", "--pages-per-file", "27500", "--worker
 
 
 def main() -> None:
-    from tasks.dedup import DedupParams
-    from tasks.download import DownloadParams, download, select_spread
-    from tasks.filter import FilterParams, filter_documents
+    from tasks.download import select_spread
     from tasks.lake import Lake
-    from tasks.registry import stage
-    from tasks.shard import ShardParams
     from tasks.steps import compact_blocklist
-    from tasks.tokenizer import TokenizerParams
 
     work = Path(tempfile.mkdtemp(prefix="c2m-plan-figures-"))
     os.environ.setdefault("CRAWL2MODEL_CACHE", str(work / "cache"))
     try:
         compact_blocklist()  # a one-off of the first run on a machine: not a cost per page
         mirror = bench_mirror(work)
-        lake = Lake(str(work / "measured"))
-        for segments in (1, 2):
-            d = download(lake, DownloadParams(crawl=CRAWL, base_url=f"file://{mirror}/", segments=segments),
-                         log=lambda m: None)
-            f = filter_documents(lake, FilterParams(input=d.ref), log=lambda m: None)
-            dd = stage("dedup").run(lake, DedupParams(input=f.ref), log=lambda m: None)
-            t = stage("tokenizer").run(lake, TokenizerParams(input=dd.ref, vocab_size=4096), log=lambda m: None)
-            stage("shard").run(lake, ShardParams(input=dd.ref, tokenizer=t.ref), log=lambda m: None)
+        lake = sample_runs(Lake(str(work / "measured")), mirror)
         cc = work / "cc-mirror"
         listing = cc / "crawl-data" / LISTED / "warc.paths.gz"
         listing.parent.mkdir(parents=True)

@@ -484,6 +484,15 @@ def add_stage_options(p: Parser, st) -> None:
     p.set_defaults(func=cmd_stage, stage=st.name)
 
 
+def add_sampling_options(p: Parser, max_new_tokens: int) -> None:
+    """How `sample` and `chat` draw tokens."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> Parser:
     from tasks import registry
 
@@ -515,11 +524,7 @@ def build_parser() -> Parser:
     smp = sub.add_parser("sample", help="generate text with a trained model")
     smp.add_argument("--model", required=True, help="pretrain version (e.g. pretrain@latest)")
     smp.add_argument("--prompt", required=True)
-    smp.add_argument("--max-new-tokens", type=int, default=100)
-    smp.add_argument("--temperature", type=float, default=0.8)
-    smp.add_argument("--top-k", type=int, default=50)
-    smp.add_argument("--top-p", type=float, default=None)
-    smp.add_argument("--seed", type=int, default=0)
+    add_sampling_options(smp, max_new_tokens=100)
     smp.set_defaults(func=cmd_sample)
 
     cht = sub.add_parser("chat", help="talk with a fine-tuned model (a terminal REPL, or one --prompt)")
@@ -527,11 +532,7 @@ def build_parser() -> Parser:
     cht.add_argument("--system", default=None, help="a system prompt (who the assistant is, how it answers)")
     cht.add_argument("--prompt", default=None, help="answer this one message and exit")
     cht.add_argument("--json", action="store_true", help="with --prompt: the reply as JSON")
-    cht.add_argument("--max-new-tokens", type=int, default=128)
-    cht.add_argument("--temperature", type=float, default=0.8)
-    cht.add_argument("--top-k", type=int, default=50)
-    cht.add_argument("--top-p", type=float, default=None)
-    cht.add_argument("--seed", type=int, default=0)
+    add_sampling_options(cht, max_new_tokens=128)
     cht.set_defaults(func=cmd_chat)
 
     mir = sub.add_parser("demo-mirror", help="build a small Common Crawl-layout mirror in DIR")

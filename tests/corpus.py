@@ -75,3 +75,14 @@ def documents(lake, m) -> list[tuple[str, str]]:
         with lake.open(m, path) as fh:
             rows += [(r["id"], r["text"]) for r in pq.read_table(fh, columns=["id", "text"]).to_pylist()]
     return sorted(rows)
+
+
+def lake_with_curated_download(curated_corpus: dict, folder):
+    """A new lake under `folder` holding a copy of the curated corpus's download version, for a
+    stage to filter elsewhere: (the curated lake, its filter version, the new lake's path)."""
+    from tasks.lake import Lake
+    from tests.conftest import copy_version
+
+    src, lake = Lake(curated_corpus["lake"]), folder / "lake"
+    copy_version(src, Lake(str(lake)), curated_corpus["download"])
+    return src, src.resolve(curated_corpus["filter"]), lake

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake
-from tests.conftest import BIN, copy_version
-from tests.corpus import documents
+from tests.conftest import BIN
+from tests.corpus import documents, lake_with_curated_download
 from tests.netns import Namespace, netns_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
@@ -148,9 +148,7 @@ def test_a_killed_ray_worker_is_retried_and_a_killed_stage_commits_nothing_and_r
     executor's files; (2) the stage's own process killed: nothing is committed, its Ray tasks
     end, and the rerun skips the tasks that finished and commits the same documents."""
     ns, address = ray_cluster["ns"], ray_cluster["address"]
-    src, lake = Lake(curated_corpus["lake"]), tmp_path / "lake"
-    reference = src.resolve(curated_corpus["filter"])
-    copy_version(src, Lake(str(lake)), curated_corpus["download"])
+    src, reference, lake = lake_with_curated_download(curated_corpus, tmp_path)
     script = tmp_path / "filter_on_ray.py"
     script.write_text(FILTER)
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake
-from tests.conftest import copy_version
-from tests.corpus import documents
+from tests.corpus import documents, lake_with_curated_download
 from tests.netns import Namespace, netns_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
@@ -127,9 +126,7 @@ def test_filter_on_slurm_commits_the_local_executors_files_and_a_cancelled_job_r
     it runs: the stage fails with one line and commits nothing; the same command again runs only
     the unfinished tasks and commits the same documents."""
     ns = slurm["ns"]
-    src, lake = Lake(curated_corpus["lake"]), tmp_path / "lake"
-    reference = src.resolve(curated_corpus["filter"])
-    copy_version(src, Lake(str(lake)), curated_corpus["download"])
+    src, reference, lake = lake_with_curated_download(curated_corpus, tmp_path)
     script = tmp_path / "filter_on_slurm.py"
     script.write_text(FILTER)
 
