@@ -25,7 +25,8 @@ from typing import Any, Literal, NamedTuple
 
 # Model sizes by name; the vocabulary size comes from the data (the tokenizer).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=128),            # ~0.8M + vocab: CPU, minutes
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, seq_len=512),            # ~0.8M + vocab: CPU, minutes; the
+    # context holds a system prompt, a few turns and a passage (chat); pretraining may use less (--seq-len)
     "mini": dict(n_layer=6, n_head=8, n_embd=256, seq_len=256),            # ~4.7M + vocab: CPU benchmark
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, seq_len=1024),   # 124M with GPT-2's vocab
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, seq_len=1024),  # 350M with GPT-2's vocab

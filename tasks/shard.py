@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +33,8 @@ from tasks.cluster import ExecutorParams, ray_cluster, ray_map
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
 from tasks.stage import StageParams, document_files, input_ref, resolve_inputs, run_stage
-from tasks.tokenizer import BOS, TokenizerError, check_special_tokens, load, tokenizer_path
+from tasks.tokenizer import (BLOCK_CHARS, BOS, TokenizerError, check_special_tokens, check_text, load, text_blocks,
+                             tokenizer_path)
 
 CODE_VERSION = "shard/2"  # 2: at least one validation document whenever there can be one
 
@@ -43,6 +44,8 @@ class ShardParams(StageParams, ExecutorParams):
 
     input: str = input_ref("dedup", "filter")
     tokenizer: str = input_ref("tokenizer")
+    extra: list[str] = input_ref("ingest", many=True, description="ingest refs of extra text files (UTF-8), cut "
+                                 "into documents of about 4 KB and sharded with the corpus")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out for validation")
     shard_tokens: int = Field(16 * 2**20, ge=1024, description="target tokens per shard")
     seed: int = Field(0, ge=0, description="seed of the document shuffle")
@@ -51,7 +54,8 @@ class ShardParams(StageParams, ExecutorParams):
                          "(not part of the version: the shards are the same bytes)")
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "threads", *self.NOT_IN_VERSION})
+        return self.model_dump(mode="json", exclude={"input", "rebuild", "tokenizer", "extra", "threads",
+                                                     *self.NOT_IN_VERSION})
 
 
 MIN_DOCUMENTS_FOR_WORKERS = 1000  # fewer: one process (workers cost about a second to start)
@@ -76,10 +80,28 @@ def _use_fs(fs) -> None:
     _FS = fs
 
 
-def _documents(path: str, row_group: int) -> list[dict]:
-    """One row group of a filter/dedup version's Parquet file: its documents' id and text."""
+TEXT_BLOCKS_PER_CALL = 1024  # documents of an extra text file tokenised per call (a Parquet row group's worth)
+
+
+def _documents(path: str, part) -> list[dict]:
+    """One unit of pass 1: a row group of a filter/dedup version's Parquet file (`part` its
+    index), or TEXT_BLOCKS_PER_CALL documents of an extra text file (`part`: (id prefix, byte
+    offset, paragraph index) of the first, from `text_parts`); their id and text."""
     with _FS.open(path, "rb") as fh:
-        return pq.ParquetFile(fh).read_row_group(row_group, columns=["id", "text"]).to_pylist()
+        if isinstance(part, int):
+            return pq.ParquetFile(fh).read_row_group(part, columns=["id", "text"]).to_pylist()
+        prefix, offset, paragraph = part
+        fh.seek(offset)
+        return [doc for doc, _, _ in text_blocks(fh, prefix, paragraph, TEXT_BLOCKS_PER_CALL)]
+
+
+def text_parts(fh, prefix: str) -> Iterator[tuple[str, int, int]]:
+    """Where each TEXT_BLOCKS_PER_CALL-document part of an extra text file starts (a streaming
+    pass that cuts without tokenising: cheap beside the tokenising)."""
+    yield prefix, 0, 0
+    for k, (_, offset, paragraph) in enumerate(text_blocks(fh, prefix), 1):
+        if k % TEXT_BLOCKS_PER_CALL == 0:
+            yield prefix, offset, paragraph
 
 
 def tokenise_batch(source: tuple, model_path: str, bos: int, dtype_name: str, val_fraction: float,
@@ -169,15 +191,17 @@ class _InOrder:
 
 def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] = print) -> Manifest:
     inputs = resolve_inputs(lake, params)
-    source, tok = inputs["input"], inputs["tokenizer"]
+    source, tok, extras = inputs["input"], inputs["tokenizer"], inputs["extra"]
     sp = load(tokenizer_path(lake, tok.ref))
     special = check_special_tokens(sp)  # before any work: the model's life depends on them
     vocab = sp.get_piece_size()
     dtype = pa.uint16() if vocab <= 65536 else pa.uint32()
-    if not source.metrics.get("documents"):
+    if not source.metrics.get("documents") and not extras:
         raise TokenizerError(f"{source.ref} holds no documents: nothing to shard")
     bpt = tok.metrics.get("bytes_per_token") or 3.0
-    est_tokens = max(1, int(source.metrics.get("bytes", 0) / bpt))
+    extra_bytes = sum(e.metrics.get("bytes", 0) for e in extras)
+    est_tokens = max(1, int((source.metrics.get("bytes", 0) + extra_bytes) / bpt))
+    est_documents = source.metrics.get("documents", 0) + extra_bytes // BLOCK_CHARS
 
     def build(prod: Production) -> None:
         buckets = {"train": max(1, math.ceil(est_tokens * (1 - params.val_fraction) / params.shard_tokens)),
@@ -186,7 +210,7 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
         dtype_name = "uint16" if dtype == pa.uint16() else "uint32"
         # worker processes only when there is more than one batch to share (their start-up costs
         # about a second); the bytes are the same either way
-        processes = params.threads if source.metrics["documents"] > MIN_DOCUMENTS_FOR_WORKERS else 1
+        processes = params.threads if est_documents > MIN_DOCUMENTS_FOR_WORKERS else 1
         with tempfile.TemporaryDirectory() as tmp, _InOrder(processes, _use_fs, (lake.fs,)) as workers, \
                 ray_cluster(params, lake) as on_ray:
             writers: dict[tuple[str, int], pq.ParquetWriter] = {}
@@ -200,6 +224,13 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
                     for g in range(groups):
                         yield ((lake.path(source.kind, source.version, path), g), model_path, special[BOS],
                                dtype_name, params.val_fraction, params.seed, buckets)
+                for e in extras:  # the extra texts, cut into documents as the tokenizer cut them
+                    for f in e.files:
+                        with lake.open(e, f["path"]) as fh:
+                            check_text(fh, f"{e.ref}/{f['path']}")
+                            for part in text_parts(fh, f"{e.ref}/{f['path']}"):
+                                yield ((lake.path(e.kind, e.version, f["path"]), part), model_path, special[BOS],
+                                       dtype_name, params.val_fraction, params.seed, buckets)
 
             if on_ray:  # the same calls, but the tokenizer as each node sees it
                 batches = ray_map(tokenise_on_node, ((lake, tok.ref, call[0], *call[2:]) for call in row_groups()),
@@ -249,6 +280,7 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
             raise TokenizerError(f"no training tokens: every document of {source.ref} went to validation")
         meta = {"vocab_size": vocab, "bos_id": special[BOS], "special_tokens": special,
                 "dtype": "uint16" if dtype == pa.uint16() else "uint32", "tokenizer": tok.ref,
+                **({"extra": [e.ref for e in extras]} if extras else {}),
                 "bytes_per_token": bpt, "splits": splits}
         prod.write_bytes("meta.json", json.dumps(meta, indent=2).encode())
         prod.put_file(tokenizer_path(lake, tok.ref), "tokenizer.model")  # the shards travel with it
@@ -261,7 +293,8 @@ def shard_documents(lake: Lake, params: ShardParams, log: Callable[[str], None] 
             f"{len(splits['train']['files'])} + {len(splits['val']['files'])} shards")
         publish(splits, prod.ref)
 
-    return run_stage(lake, "shard", params.recipe(), [source.ref, tok.ref], CODE_VERSION, build, rebuild=params.rebuild)
+    return run_stage(lake, "shard", params.recipe(), [source.ref, tok.ref, *(e.ref for e in extras)], CODE_VERSION,
+                     build, rebuild=params.rebuild)
 
 
 def publish(splits: dict, ref: str) -> None:

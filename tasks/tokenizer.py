@@ -73,21 +73,60 @@ def iter_documents(lake: Lake, m: Manifest, columns=("id", "text")) -> Iterator[
                 yield from batch.to_pylist()
 
 
+BLOCK_CHARS = 4096  # an extra text is cut into documents of about this many characters
+
+
+def text_blocks(fh, prefix: str, paragraph: int = 0, limit: int | None = None) -> Iterator[tuple[dict, int, int]]:
+    """A text file (binary `fh`, from its current position) as documents: blocks of blank-line
+    separated paragraphs of about BLOCK_CHARS characters, so they can be held out and sampled like
+    web documents; streamed, so memory does not grow with the file. Yields (document, bytes read,
+    paragraph index after it); `paragraph` is the index of the first paragraph (the ids count from
+    it: `{prefix}#{last paragraph}`, the file's last block `{prefix}#end`); at most `limit` blocks.
+    Started at a block's start (an offset this function reported), it cuts the same blocks as a
+    pass over the whole file: that is how `shard` shares one file among workers."""
+    buf, block, n, pos, emitted = b"", [], 0, 0, 0
+    while True:
+        chunk = fh.read(1 << 20)
+        parts = (buf + chunk).split(b"\n\n")
+        buf = parts.pop() if chunk else b""  # the last piece may go on in the next chunk
+        if not chunk and parts == [b""] and not block:
+            return  # an empty file, or one read from its end
+        for raw in parts:
+            text = raw.decode("utf-8", errors="replace")
+            block.append(text)
+            n += len(text)
+            pos += len(raw) + 2
+            if n >= BLOCK_CHARS:
+                yield {"id": f"{prefix}#{paragraph}", "text": "\n\n".join(block)}, pos, paragraph + 1
+                block, n, emitted = [], 0, emitted + 1
+                if limit is not None and emitted >= limit:
+                    return
+            paragraph += 1
+        if not chunk:
+            if block:
+                yield {"id": f"{prefix}#end", "text": "\n\n".join(block)}, pos - 2, paragraph
+            return
+
+
+def check_text(fh, name: str) -> None:
+    """An error naming the file when its start is not UTF-8 text (a WARC or gzip file given as
+    extra text); `fh` is left at its start."""
+    head = fh.read(1 << 16)
+    fh.seek(0)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3 or b"\0" in head:  # not a character cut at the end of the sample
+            raise TokenizerError(f"{name} is not UTF-8 text (byte {e.start}): extra text must be text files") from None
+
+
 def iter_extra_texts(lake: Lake, m: Manifest) -> Iterator[dict]:
-    """Files of an `ingest` version as documents: one per blank-line-separated paragraph block
-    of ~4 KB, so they can be held out and sampled like web documents."""
+    """The files of an `ingest` version as documents (`text_blocks`)."""
     for f in m.files:
         with lake.open(m, f["path"]) as fh:
-            text = fh.read().decode("utf-8", errors="replace")
-        block, n = [], 0
-        for i, para in enumerate(text.split("\n\n")):
-            block.append(para)
-            n += len(para)
-            if n >= 4096:
-                yield {"id": f"{m.ref}/{f['path']}#{i}", "text": "\n\n".join(block)}
-                block, n = [], 0
-        if block:
-            yield {"id": f"{m.ref}/{f['path']}#end", "text": "\n\n".join(block)}
+            check_text(fh, f"{m.ref}/{f['path']}")
+            for doc, _, _ in text_blocks(fh, f"{m.ref}/{f['path']}"):
+                yield doc
 
 
 def load(path: str):

@@ -247,8 +247,8 @@ def test_bad_inputs(shards, full_run, tmp_path, capsys):
     assert code == 2 and "vocab_size 300 is smaller than the shards' vocab_size 512" in err
     code, err = train_inproc(capsys, *base, "--batch-size", "4", "--seq-len", "64", "--tokens-per-step", "1000")
     assert code == 2 and "does not divide" in err
-    code, err = train_inproc(capsys, *base, "--seq-len", "256")
-    assert code == 2 and "exceeds the model's seq_len 128" in err
+    code, err = train_inproc(capsys, *base, "--seq-len", "1024")
+    assert code == 2 and "exceeds the model's seq_len 512" in err
     code, err = train_inproc(capsys, "--data", tmp_path / "nowhere", "--out", tmp_path / "o")
     assert code == 2 and "cannot read the shard folder" in err
     # resuming with a changed configuration: refused, naming the fields
@@ -274,7 +274,7 @@ def test_nan_loss_stops(shards, tmp_path, capsys):
 def test_bad_input_under_torchrun_tears_down(shards, tmp_path):
     """Both ranks stop with the same error and exit cleanly (no gloo abort)."""
     data, _ = shards
-    proc = subprocess.run(torchrun_cmd(data, tmp_path / "o", "--seq-len", "512"), capture_output=True,
+    proc = subprocess.run(torchrun_cmd(data, tmp_path / "o", "--seq-len", "1024"), capture_output=True,
                           text=True, env=env(), cwd=ROOT, timeout=120)
     assert "terminate called" not in proc.stderr
     assert proc.returncode != 0 and "exceeds the model's seq_len" in proc.stderr
@@ -420,7 +420,7 @@ def test_every_training_setting_is_defined_once_and_reaches_the_trainer():
 
 
 def test_pipeline_presets_fit_their_models():
-    """The `small` pipeline preset asked the tiny model (context 128) for seq_len 256: the run
+    """The `small` pipeline preset once asked the tiny model (context 128) for seq_len 256: the run
     would have failed at pretrain, after all its data stages. Now refused when the parameters
     are made, and the preset trains the mini model."""
     from model.config import PRESETS
@@ -430,8 +430,8 @@ def test_pipeline_presets_fit_their_models():
     for name in ("demo", "small", "gpt2"):
         p = preset(name)["pretrain"]
         assert p.seq_len is None or p.seq_len <= PRESETS[p.preset]["seq_len"], name
-    with pytest.raises(ValueError, match="(?s)seq_len.*256 exceeds the tiny preset's context of 128"):
-        PretrainParams(preset="tiny", seq_len=256)
+    with pytest.raises(ValueError, match="(?s)seq_len.*1024 exceeds the tiny preset's context of 512"):
+        PretrainParams(preset="tiny", seq_len=1024)
 
 
 # -- small data on several ranks ----------------------------------------------------------

@@ -109,6 +109,50 @@ def test_tokenizer_and_shard_are_deterministic(corpus, tmp_path, monkeypatch):
     assert {f["path"]: f["sha256"] for f in sh3.files} == {f["path"]: f["sha256"] for f in sh.files}
 
 
+def test_shard_takes_extra_text_as_documents(corpus, shared_data, tmp_path, monkeypatch):
+    """`extra` ingest versions are cut into documents as the tokenizer cuts them (about 4 KB of
+    paragraphs each) and sharded with the corpus: every document once, BOS + its tokens; the
+    shards do not depend on how the files are split among workers."""
+    from tasks.tokenizer import iter_extra_texts
+
+    lake, dd, tok, extra = corpus["lake"], corpus["dedup"], corpus["tokenizer"], corpus["extra"]
+    sp = load(tokenizer_path(lake, tok.ref))
+    expected = {d["id"]: len(sp.encode(d["text"])) + 1
+                for d in [*iter_documents(lake, dd), *iter_extra_texts(lake, extra)]}
+    from_text = [i for i in expected if i.startswith(extra.ref)]
+    assert len(from_text) > 3 * 50 and {i.split("#")[0] for i in from_text} == {f"{extra.ref}/{n}" for n in EXTRA}
+    monkeypatch.setattr(shard_module, "TEXT_BLOCKS_PER_CALL", 50)  # many parts per file, in this process
+    params = dict(input=dd.ref, tokenizer=tok.ref, extra=[extra.ref], val_fraction=0.2, shard_tokens=100_000,
+                  row_group_tokens=5000)
+    sh = shard_documents(lake, ShardParams(**params, threads=1), log=lambda m: None)
+    assert sh.inputs == [dd.ref, tok.ref, extra.ref] and sh.version != corpus["shard"].version
+    meta = json.loads(lake.open(sh, "meta.json").read())
+    assert meta["extra"] == [extra.ref]
+    seen = collections.Counter()
+    for split in ("train", "val"):
+        for entry in meta["splits"][split]["shards"]:
+            table = pq.read_table(lake.open(sh, entry["file"]))
+            for doc_id, toks in zip(table.column("id").to_pylist(), table.column("tokens").to_pylist()):
+                assert toks[0] == meta["bos_id"] and len(toks) == expected[doc_id], doc_id
+                seen[doc_id] += 1
+    assert seen == collections.Counter(expected.keys())
+    assert sh.metrics["train_tokens"] + sh.metrics["val_tokens"] == sum(expected.values())
+    # the default parts (a whole file each here) on worker processes: the same bytes
+    monkeypatch.setattr(shard_module, "TEXT_BLOCKS_PER_CALL", 1024)
+    again = Lake(str(tmp_path / "again"))
+    for ref in (dd.ref, tok.ref, extra.ref):
+        copy_version(lake, again, ref)
+    sh2 = shard_documents(again, ShardParams(**params, threads=2), log=lambda m: None)
+    assert sh2.version == sh.version
+    assert {f["path"]: f["sha256"] for f in sh2.files} == {f["path"]: f["sha256"] for f in sh.files}
+    # a WARC given as extra text: refused, naming it, nothing committed
+    warc = ingest_files(lake, IngestParams(files=[str(shared_data / "warc" / "whirlwind.warc.gz")]))
+    before = len(lake.versions("shard"))
+    with pytest.raises(TokenizerError, match=f"{warc.ref}/whirlwind.warc.gz is not UTF-8 text"):
+        shard_documents(lake, ShardParams(**{**params, "extra": [warc.ref]}), log=lambda m: None)
+    assert len(lake.versions("shard")) == before
+
+
 def test_reader_resumes_exactly_and_ranks_are_disjoint(corpus):
     lake, sh = corpus["lake"], corpus["shard"]
     root = lake.path("shard", sh.version)
