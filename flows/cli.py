@@ -259,7 +259,10 @@ def cmd_stage(lake: Lake, args) -> int:
             if name in st.comma_lists:
                 given = [x for v in given for x in v.split(",") if x]
             values[name] = given
+    read = _params(st.params, **values).inputs_read()  # (conversations from files alone read no corpus)
     for name, kinds in st.inputs.items():  # resolved now: a rerun of "latest" stays the same version
+        if name not in read:
+            continue
         given = values.get(name)
         if typing.get_origin(st.params.model_fields[name].annotation) is list:  # several refs, none by default
             values[name] = [lake.resolve(r).ref for r in given or []]

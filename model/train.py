@@ -54,7 +54,7 @@ import torch.distributed as torchdist
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from model.config import TrainConfig, add_arguments, from_args
+from model.config import PRESETS, TrainConfig, add_arguments, from_args
 from model.data import Prefetcher, ShardLoader, read_meta, shard_files
 from model.gpt import GPT, GPTConfig, config_from_preset
 from common.process import die_with_parent, is_storage_error
@@ -228,6 +228,8 @@ def setup(job: Job, dist: Dist) -> Run:
         except (FileNotFoundError, json.JSONDecodeError) as e:
             raise UsageError(f"cannot read the model to start from, {job.init_from}: {type(e).__name__}: {e}") from None
         gpt = GPTConfig(**{k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(GPTConfig)}})
+        if base.get("preset") in PRESETS:  # the base model's shape, whatever preset the settings name
+            cfg = dataclasses.replace(cfg, preset=base["preset"])
         data_vocab = gpt.vocab_size
         meta = {"vocab_size": data_vocab, "bos_id": base.get("bos_id"), "splits": {}}
         tokenizer = tokenizer or (f"{job.init_from}/{base['tokenizer']}" if base.get("tokenizer") else None)
@@ -742,7 +744,7 @@ def write_final(cfg: TrainConfig, dist: Dist, run: Run, raw: GPT, progress: Prog
     fs.makedirs(f"{root}/final", exist_ok=True)
     write_bytes(fs, f"{root}/final/model.safetensors",
                 save_safetensors({k: v.detach().contiguous() for k, v in model_sd.items()}))
-    config = {**run.gpt.to_dict(), "preset": cfg.preset, "bos_id": run.meta.get("bos_id"), "step": progress.step,
+    config = {**run.gpt.to_dict(), "preset": run.run_config["train"]["preset"], "bos_id": run.meta.get("bos_id"), "step": progress.step,
               "tokenizer": "tokenizer.model" if run.sp_proto else None}
     write_bytes(fs, f"{root}/final/config.json", json.dumps(config, indent=2).encode())
     if run.sp_proto:

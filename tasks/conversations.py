@@ -11,6 +11,18 @@ when none):
 - `sgd`: a JSON list of Schema-Guided Dialogue dialogues: USER turns are the user's, SYSTEM
   turns the assistant's (a trailing user turn, which has no reply, is left out).
 
+Generated sets, so a lake with no conversation files still gets an assistant (the pipeline's
+default: 1,000 arithmetic, 1,000 corpus and 100 identity conversations when no file is given):
+- `arithmetic`: sums, differences, products and two-step word problems with worked answers ending
+  `The answer is N.` (GSM8K's shape, which `gsm8k` sources are converted to);
+- `corpus_questions`: questions answered by the corpus's own sentences: a definitional sentence
+  ("A generator function is ...") becomes "What is a generator function?" answered by it and the
+  sentence after it; from the `corpus` version (dedup) and any `extra` ingest versions;
+- `identity`: who the assistant is, who made it, what it can do (`assistant_name`,
+  `assistant_maker`), half of them under the system prompt that says so.
+A quarter of the arithmetic and corpus conversations go on for a second turn. Seeded: the same
+parameters and corpus give the same conversations.
+
 Every conversation is checked: an optional system message first, then user and assistant
 alternating, starting with the user and ending with the assistant, every content a non-empty
 string. What fails (invalid JSON, a line that is not UTF-8, an unknown role, empty content, a
@@ -23,23 +35,26 @@ A conversation goes to `val.jsonl` when a hash of its messages falls under `val_
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
+import random
 import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.errors import StageError
 from tasks.ingest import sha256_file
 from tasks.lake import Lake, Manifest, Production
 from tasks.report import runtime
-from tasks.stage import StageParams, run_stage
+from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "conversations/1"
 FORMATS = ("messages", "gsm8k", "sgd")
+GENERATED_WITHOUT_FILES = {"arithmetic": 1000, "corpus_questions": 1000, "identity": 100}
 ROLES = ("system", "user", "assistant")
 
 
@@ -56,12 +71,41 @@ def parse_source(spec: str) -> tuple[str, str]:
 
 
 class ConversationsParams(StageParams):
-    """Conversation files to validate, convert and split."""
+    """Conversation files to validate, convert and split, and sets to generate."""
 
-    files: list[str] = Field(min_length=1, description="local files, each FORMAT:PATH or PATH (messages JSONL); "
-                             f"formats: {', '.join(FORMATS)}")
+    files: list[str] = Field(default_factory=list, description="local files, each FORMAT:PATH or PATH (messages "
+                             f"JSONL); formats: {', '.join(FORMATS)}")
+    corpus: str = input_ref("dedup", "filter", description="the corpus whose sentences answer generated questions "
+                            "(read only when corpus_questions > 0)")
+    extra: list[str] = input_ref("ingest", many=True, description="ingest refs of extra text whose sentences also "
+                                 "answer generated questions")
+    arithmetic: int | None = Field(None, ge=0, le=10_000_000, description="generated arithmetic conversations with "
+                                   "worked answers; default: 1000 when no files are given, else 0")
+    corpus_questions: int | None = Field(None, ge=0, le=10_000_000, description="generated questions answered by "
+                                         "the corpus's sentences; default: 1000 when no files are given, else 0")
+    identity: int | None = Field(None, ge=0, le=1_000_000, description="generated who-are-you conversations; "
+                                 "default: 100 when no files are given, else 0")
+    assistant_name: str = Field("Crawly", min_length=1, max_length=100, description="the name identity "
+                                "conversations give the assistant")
+    assistant_maker: str = Field("the crawl2model project", min_length=1, max_length=200,
+                                 description="who made it, in identity conversations")
+    seed: int = Field(0, ge=0, description="seed of the generated sets")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="conversations held out for validation")
     rejected_sample: int = Field(20, ge=0, le=10_000, description="rejected conversations kept per reason")
+
+    def generated(self) -> dict[str, int]:
+        """How many conversations of each generated set (their defaults applied)."""
+        return {k: v if (v := getattr(self, k)) is not None else (0 if self.files else n)
+                for k, n in GENERATED_WITHOUT_FILES.items()}
+
+    def inputs_read(self) -> set[str]:
+        return {"corpus", "extra"} if self.generated()["corpus_questions"] else set()
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.files and not any(self.generated().values()):
+            raise ValueError("no conversations: give files or a generated set (arithmetic, corpus_questions, identity)")
+        return self
 
     @field_validator("files")
     @classmethod
@@ -81,7 +125,13 @@ class ConversationsParams(StageParams):
     def recipe(self) -> dict:
         # the version follows the sources' bytes and formats, not where they were on this machine
         sources = sorted([Path(p).name, fmt, sha256_file(p)] for fmt, p in map(parse_source, self.files))
-        return {"sources": sources, "val_fraction": self.val_fraction, "rejected_sample": self.rejected_sample}
+        recipe = {"sources": sources, "val_fraction": self.val_fraction, "rejected_sample": self.rejected_sample}
+        generated = self.generated()
+        if any(generated.values()):  # (a version from files alone keeps the version it had)
+            recipe["generated"] = generated
+            recipe.update(seed=self.seed, **({"assistant": [self.assistant_name, self.assistant_maker]}
+                                             if generated["identity"] else {}))
+        return recipe
 
 
 # --------------------------------------------------------------------------- reading the formats
@@ -197,6 +247,127 @@ def read_source(fmt: str, path: str) -> Iterator[tuple[str, object]]:
             yield where, e
 
 
+# --------------------------------------------------------------------------- generated sets
+
+_NAMES = ["Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jack", "Kofi", "Lena", "Mateo",
+          "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara"]
+_ITEMS = ["apples", "books", "marbles", "pencils", "stickers", "cookies", "shells", "stamps", "cards", "coins"]
+
+
+def _arithmetic_turn(rng: random.Random) -> tuple[str, str]:
+    """One question with its worked answer."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        a, b = rng.randint(2, 999), rng.randint(2, 999)
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}."
+    if kind == 1:
+        a, b = sorted((rng.randint(2, 999), rng.randint(2, 999)), reverse=True)
+        return f"What is {a} minus {b}?", f"{a} - {b} = {a - b}. The answer is {a - b}."
+    if kind == 2:
+        a, b = rng.randint(2, 99), rng.randint(2, 12)
+        return f"What is {a} times {b}?", f"{a} x {b} = {a * b}. The answer is {a * b}."
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    if kind == 3:
+        return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+                f"{name} starts with {a} {item} and gets {b} more, so {a} + {b} = {a + b}. The answer is {a + b}.")
+    if kind == 4:
+        a, b = max(a, b), min(a, b)
+        return (f"{name} has {a} {item} and gives {b} of them away. How many {item} are left?",
+                f"{name} gives {b} of {a} {item} away, so {a} - {b} = {a - b} are left. The answer is {a - b}.")
+    packs, per = rng.randint(2, 9), rng.randint(2, 12)
+    return (f"{name} has {a} {item} and buys {packs} packs of {per} {item}. How many {item} does {name} have now?",
+            f"{packs} packs of {per} {item} are {packs} x {per} = {packs * per} {item}. "
+            f"{a} + {packs * per} = {a + packs * per}. The answer is {a + packs * per}.")
+
+
+def arithmetic_conversations(n: int, seed: int) -> Iterator[tuple[str, dict]]:
+    rng = random.Random(f"arithmetic:{seed}")
+    for i in range(n):
+        messages = []
+        for _ in range(2 if rng.random() < 0.25 else 1):
+            q, a = _arithmetic_turn(rng)
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        yield f"arithmetic#{i}", {"messages": messages}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+# a definitional sentence: "A generator function is ...", "The yield statement can ..."
+_DEFINITION = re.compile(r"^(The|A|An) ([a-z][a-z-]*(?: [a-z][a-z-]*){0,3}) (is|are|was|were|can|returns|provides|"
+                         r"contains|has|have|does|must|may|should|will) [^()\[\]{}<>=_*`|\\]+\.$")
+_PLAIN = re.compile(r"^[A-Z][^()\[\]{}<>=_*`|\\:;]+\.$")
+_TELL = ["What do you know about {topic}?", "Tell me about {topic}.", "Can you explain {topic}?",
+         "What can you tell me about {topic}?"]
+
+
+def _corpus_turns(text: str) -> Iterator[tuple[str, str, str]]:
+    """(key, question, answer) for each definitional sentence of a text."""
+    sentences = [" ".join(x.split()) for x in _SENTENCE_END.split(text)]
+    for i, sent in enumerate(sentences):
+        m = _DEFINITION.match(sent)
+        if not m or not 6 <= len(sent.split()) <= 40:
+            continue
+        article, topic, verb = m.groups()
+        topic = f"{article.lower()} {topic}"
+        answer = sent
+        if i + 1 < len(sentences) and len(sentences[i + 1].split()) <= 40 and _PLAIN.match(sentences[i + 1]):
+            answer += " " + sentences[i + 1]
+        key = hashlib.sha256(sent.encode()).hexdigest()
+        if verb in ("is", "are", "was", "were"):
+            question = f"What {verb} {topic}?"
+        else:
+            question = _TELL[int(key[:8], 16) % len(_TELL)].format(topic=topic)
+        yield key, question, answer
+
+
+def corpus_conversations(texts: Iterator[dict], n: int, seed: int) -> Iterator[tuple[str, dict]]:
+    """`n` questions answered by the corpus's sentences, those whose seeded hash is smallest (a
+    bounded heap: memory holds `n`, whatever the corpus's size); a quarter go on to a second."""
+    heap: list = []
+    for doc in texts:
+        for key, q, a in _corpus_turns(doc["text"]):
+            rank = -int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
+            item = (rank, key, doc["id"], q, a)
+            if len(heap) < n:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+    chosen = sorted(heap, reverse=True)
+    for i, (_, _, doc_id, q, a) in enumerate(chosen):
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if i % 4 == 3 and i + 1 < len(chosen):  # a second turn: the next chosen question
+            messages += [{"role": "user", "content": chosen[i + 1][3]}, {"role": "assistant", "content": chosen[i + 1][4]}]
+        yield f"corpus:{doc_id}", {"messages": messages}
+
+
+def system_prompt(name: str, maker: str) -> str:
+    return f"You are {name}, an assistant made by {maker}."
+
+
+def identity_conversations(n: int, name: str, maker: str, seed: int) -> Iterator[tuple[str, dict]]:
+    rng = random.Random(f"identity:{seed}")
+    qa = [
+        (["Who are you?", "Introduce yourself.", "Tell me about yourself.", "What are you?"],
+         [f"I am {name}, an assistant made by {maker}.", f"I'm {name}, a small language model made by {maker}."]),
+        (["What is your name?", "What's your name?", "Do you have a name?", "What should I call you?"],
+         [f"My name is {name}.", f"I am {name}."]),
+        (["Who made you?", "Who created you?", "Who built you?", "Who trained you?"],
+         [f"I was made by {maker}.", f"{maker[0].upper()}{maker[1:]} made me."]),
+        (["What can you do?", "How can you help me?", "What are you good at?"],
+         [f"I am {name}. I can answer simple questions, do some arithmetic and talk about the text I was trained "
+          "on. I am a small model, so please check what I say."]),
+        (["Hello!", "Hi there.", "Good morning!"], [f"Hello! I am {name}. How can I help you?"]),
+    ]
+    for i in range(n):
+        messages = [{"role": "system", "content": system_prompt(name, maker)}] if i % 2 else []
+        for _ in range(2 if rng.random() < 0.3 else 1):
+            questions, answers = rng.choice(qa)
+            messages += [{"role": "user", "content": rng.choice(questions)},
+                         {"role": "assistant", "content": rng.choice(answers)}]
+        yield f"identity#{i}", {"messages": messages}
+
+
+
 def held_out(messages: list[dict]) -> float:
     """Where a conversation falls in [0, 1): a hash of its messages (the split's key)."""
     key = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
@@ -207,7 +378,27 @@ def held_out(messages: list[dict]) -> float:
 
 
 def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[str], None] = print) -> Manifest:
-    recipe = params.recipe()
+    recipe, generated = params.recipe(), params.generated()
+    inputs = resolve_inputs(lake, params)  # the corpus is read only when questions are made from it
+    corpus, extras = ([inputs["corpus"]], inputs["extra"]) if "corpus" in inputs else ([], [])
+
+    def sources() -> Iterator[tuple[str, str, Iterator[tuple[str, object]]]]:
+        """(source name, format, its conversations) of the files, then of the generated sets."""
+        from tasks.tokenizer import iter_documents, iter_extra_texts
+
+        for spec in params.files:
+            fmt, path = parse_source(spec)
+            yield Path(path).name, fmt, read_source(fmt, path)
+        if generated["arithmetic"]:
+            yield "arithmetic", "generated", arithmetic_conversations(generated["arithmetic"], params.seed)
+        if generated["corpus_questions"]:
+            texts = (d for m in corpus for d in iter_documents(lake, m))
+            extra = (d for m in extras for d in iter_extra_texts(lake, m))
+            yield "corpus", "generated", corpus_conversations(
+                (d for part in (texts, extra) for d in part), generated["corpus_questions"], params.seed)
+        if generated["identity"]:
+            yield "identity", "generated", identity_conversations(
+                generated["identity"], params.assistant_name, params.assistant_maker, params.seed)
 
     def build(prod: Production) -> None:
         rejected: dict[str, int] = {}
@@ -217,10 +408,9 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
         first = (2.0, -1)  # (hash, index in train) of the conversation likeliest to go to validation
         with tempfile.TemporaryDirectory() as tmp:
             out = {split: open(os.path.join(tmp, f"{split}.jsonl"), "w", encoding="utf-8") for split in ("train", "val")}
-            for spec in params.files:
-                fmt, path = parse_source(spec)
-                tally = kept_by_source.setdefault(Path(path).name, {"format": fmt, "kept": 0, "rejected": 0})
-                for where, conv in read_source(fmt, path):
+            for name, fmt, conversations in sources():
+                tally = kept_by_source.setdefault(name, {"format": fmt, "kept": 0, "rejected": 0})
+                for where, conv in conversations:
                     try:
                         if isinstance(conv, Rejected):
                             raise conv
@@ -247,7 +437,7 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
                 _move_line(os.path.join(tmp, "train.jsonl"), first[1], os.path.join(tmp, "val.jsonl"))
                 counts["train"], counts["val"] = counts["train"] - 1, 1
             if counts["train"] == 0:
-                raise ConversationsError(f"no usable conversation for training in {', '.join(params.files)} "
+                raise ConversationsError(f"no usable conversation for training in {', '.join(params.files) or 'the generated sets'} "
                                          f"(rejected: {_reasons(rejected) or 'none'})")
             for split in ("train", "val"):
                 prod.put_file(os.path.join(tmp, f"{split}.jsonl"), f"{split}.jsonl")
@@ -260,7 +450,8 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
         runtime().table("conversation-sources", [{"source": k, **v} for k, v in kept_by_source.items()],
                         f"{prod.ref}: conversations kept and rejected per source")
 
-    return run_stage(lake, "conversations", recipe, [], CODE_VERSION, build, rebuild=params.rebuild)
+    return run_stage(lake, "conversations", recipe, [m.ref for m in corpus + extras], CODE_VERSION, build,
+                     rebuild=params.rebuild)
 
 
 def _move_line(src: str, index: int, dest: str) -> None:

@@ -9,11 +9,15 @@ stands in for the real crawl; it is not web text.
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import gzip
 import html
 import io
 import json
+import os
+import re
+import sysconfig
 import uuid
 import warnings
 from pathlib import Path
@@ -173,3 +177,85 @@ def build_mirror(root: str, files: int = 4, crawl: str = DEMO_CRAWL) -> dict:
         "A small Common Crawl-layout mirror built by `crawl2model demo-mirror` from Python's own\n"
         "documentation. It stands in for the real crawl in offline demos and tests.\n")
     return {"root": str(out), "crawl": crawl, "files": files, "pages": len(pages)}
+
+
+# The packages whose docstrings join the standard library's in the demo text, and the licenses
+# that allow it (the installed distribution's metadata must name one of them, or it is left out).
+DEMO_TEXT_PACKAGES = [("numpy", "numpy"), ("pandas", "pandas"), ("pydantic", "pydantic"), ("prefect", "prefect"),
+                      ("click", "click"), ("jinja2", "jinja2"), ("rich", "rich"), ("fsspec", "fsspec")]
+PERMISSIVE = ("MIT", "BSD", "Apache", "PSF", "0BSD", "Zlib", "CC0", "ISC")
+_SKIP_DIRS = {"test", "tests", "testing", "idlelib", "site-packages", "lib2to3", "turtledemo", "vendored", "_vendor",
+              "vendor", "__pycache__"}
+_ROLE = re.compile(r":[a-z:]+:`~?([^`<]*?)(?:\s*<[^>]*>)?`")  # :func:`name` -> name
+_LITERAL = re.compile(r"``([^`]*)``|`([^`]*)`_?")
+_HEADING = re.compile(r"\b[A-Z][a-z]+(?: [A-Za-z]+)? -{3,}\s*")  # numpydoc's "Returns -------"
+
+
+def _license(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        meta = metadata.metadata(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    named = meta.get("License-Expression") or meta.get("License") or " ".join(
+        c for c in meta.get_all("Classifier") or [] if c.startswith("License ::"))
+    return named.splitlines()[0] if named and any(p in named for p in PERMISSIVE) else None
+
+
+def _docstrings(path: str) -> list[str]:
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (SyntaxError, ValueError):
+        return []
+    return [d for node in ast.walk(tree) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                              ast.AsyncFunctionDef))
+            if (d := ast.get_docstring(node))]
+
+
+def _package_prose(root: str, seen: set[str]) -> list[str]:
+    """The prose paragraphs of every docstring under `root`, markup removed, each once."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            for doc in _docstrings(os.path.join(folder, name)):
+                for para in _prose(doc):
+                    para = _LITERAL.sub(lambda m: m.group(1) or m.group(2), _ROLE.sub(r"\1", para))
+                    para = _HEADING.sub("", para)
+                    if para not in seen:
+                        seen.add(para)
+                        out.append(para)
+    return out
+
+
+def build_demo_text(path: str) -> dict:
+    """Write the demo's extra English text to `path` (paragraphs, blank-line separated) and a
+    `<path>.sources.json` beside it saying where it came from; returns that summary.
+    Deterministic: the same bytes with the same Python and package versions."""
+    import importlib.util
+    import platform
+    from importlib import metadata
+
+    seen: set[str] = set()
+    parts, sources = [], []
+    stdlib = _package_prose(sysconfig.get_paths()["stdlib"], seen)
+    parts.append(stdlib)
+    sources.append({"source": f"Python {platform.python_version()} standard library", "license": "PSF-2.0",
+                    "paragraphs": len(stdlib)})
+    for dist, package in DEMO_TEXT_PACKAGES:
+        license_ = _license(dist)
+        spec = importlib.util.find_spec(package) if license_ else None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        prose = _package_prose(list(spec.submodule_search_locations)[0], seen)
+        parts.append(prose)
+        sources.append({"source": f"{dist} {metadata.version(dist)}", "license": license_, "paragraphs": len(prose)})
+    text = "\n\n".join(p for part in parts for p in part) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text, encoding="utf-8")
+    summary = {"path": path, "bytes": len(text.encode()), "paragraphs": sum(len(p) for p in parts), "sources": sources}
+    Path(path + ".sources.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -32,12 +32,14 @@ from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 CODE_VERSION = "pretrain/3"  # 3: every TrainConfig setting is a parameter (and part of the version)
 
 
-def pydantic_fields(config: type, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+def pydantic_fields(config: type, defaults: dict[str, Any] | None = None, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """A settings dataclass's fields as pydantic field definitions: the same types (a Literal
     becomes a dropdown in the Prefect form), defaults (`defaults` replaces some: a stage that
-    trains differently), bounds (ge/gt/le/lt) and help (the description)."""
+    trains differently), bounds (ge/gt/le/lt) and help (the description); `exclude` leaves some out."""
     fields, defaults = {}, defaults or {}
     for s in settings(config):
+        if s.name in exclude:
+            continue
         default = {"default": defaults[s.name]} if s.name in defaults else \
             {"default_factory": s.factory} if s.factory is not None else {"default": s.default}
         fields[s.name] = (s.type, Field(**default, description=s.help, **s.bounds))

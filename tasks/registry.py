@@ -86,11 +86,10 @@ for _stage in [
     Stage("pretrain", pretrain.PretrainParams, pretrain.pretrain, pretrain.summary,
           "a GPT trained with torchrun on a shard version", pool="gpu"),
     Stage("conversations", conversations.ConversationsParams, conversations.build_conversations,
-          conversations.summary, "conversation files (messages, GSM8K, SGD) validated and split for post-training",
-          in_pipeline=False),
+          conversations.summary, "conversation files (messages, GSM8K, SGD) and generated sets, validated and split "
+          "for post-training"),
     Stage("sft", sft.SftParams, sft.sft, sft.summary,
-          "a model fine-tuned on conversations (the assistant's replies), with torchrun", pool="gpu",
-          in_pipeline=False),
+          "a model fine-tuned on conversations (the assistant's replies), with torchrun", pool="gpu"),
 ]:
     register(_stage)
 

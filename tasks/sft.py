@@ -33,10 +33,10 @@ class _Inputs(StageParams):
 
 
 class SftParams(create_model("_SftSettings", __base__=_Inputs, __module__=__name__,
-                             **pydantic_fields(TrainConfig, SFT_DEFAULTS))):
+                             **pydantic_fields(TrainConfig, SFT_DEFAULTS, exclude=("preset",)))):
     """The `sft` stage: the model and conversations to fine-tune on, every training setting of
-    model/config.py's TrainConfig (they make the version; `preset` is the base model's, whatever
-    is given), and the processes to launch (not part of the version)."""
+    model/config.py's TrainConfig but `preset` (the shape is the base model's; they make the
+    version), and the processes to launch (not part of the version)."""
 
     nproc_per_node: int = Field(1, ge=1, le=1024, description="training processes (GPUs)")
     timeout_s: float = Field(24 * 3600, gt=0, description="kill the training after this many seconds")
@@ -44,7 +44,7 @@ class SftParams(create_model("_SftSettings", __base__=_Inputs, __module__=__name
     rdzv_endpoint: ClassVar[str | None] = None
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.model_dump(include=set(TRAIN_FIELDS)))
+        return TrainConfig.from_dict(self.model_dump(include=set(TRAIN_FIELDS)))  # preset: the trainer takes the base's
 
     def recipe(self) -> dict:
         return self.model_dump(mode="json", include=set(TRAIN_FIELDS))

@@ -49,7 +49,10 @@ def resolve_inputs(lake: Lake, params: BaseModel) -> dict[str, Manifest | list[M
     """Every input of a stage resolved to its committed version and checked against the kinds
     its field accepts, before any work: {field: manifest, or a list for a `many` field}."""
     found: dict[str, Manifest | list[Manifest]] = {}
+    read = params.inputs_read() if isinstance(params, StageParams) else set(input_kinds(type(params)))
     for name, kinds in input_kinds(type(params)).items():
+        if name not in read:
+            continue
         value = getattr(params, name)
         ms = [lake.resolve(ref) for ref in (value if isinstance(value, list) else [value])]
         for m in ms:
@@ -64,6 +67,10 @@ class StageParams(Strict):
     """Base of every stage's parameter model."""
 
     rebuild: bool = Field(False, description="build again even if this version exists (not part of the version)")
+
+    def inputs_read(self) -> set[str]:
+        """The input fields this run reads (the others need not name a version that exists)."""
+        return set(input_kinds(type(self)))
 
 
 def lineage_markdown(lake: Lake, m: Manifest) -> str:

@@ -288,9 +288,14 @@ def run_cli_all(*arg_lists: list[str], env: dict | None = None, timeout: float =
 
 # --------------------------------------------------------------------------- the demo pipeline
 
-STAGES = ["download", "filter", "dedup", "tokenizer", "shard", "pretrain"]
+STAGES = ["download", "filter", "dedup", "tokenizer", "shard", "pretrain", "conversations", "sft"]
 QUICK = ["--set", "pretrain.max_steps=20", "--set", "pretrain.eval_every=10", "--set", "pretrain.sample_every=0",
-         "--set", "pretrain.checkpoint_every=10"]
+         "--set", "pretrain.checkpoint_every=10",
+         # post-training, small: a few generated conversations, a few steps
+         "--set", "conversations.arithmetic=200", "--set", "conversations.corpus_questions=50",
+         "--set", "conversations.identity=20", "--set", "sft.max_steps=4", "--set", "sft.eval_every=2",
+         "--set", "sft.eval_steps=1", "--set", "sft.checkpoint_every=2", "--set", "sft.batch_size=2",
+         "--set", "sft.seq_len=128", "--set", "sft.sample_tokens=16"]
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_commands_flows_and_pipeline_come_from_the_registry():
                       if a.dest == "stage").choices
     assert list(stage_cmds) == list(STAGES) == list(FLOWS)
     assert "ingest" in STAGES and "ingest" not in PIPELINE
-    assert PIPELINE == ("download", "filter", "dedup", "tokenizer", "shard", "pretrain")
+    assert PIPELINE == ("download", "filter", "dedup", "tokenizer", "shard", "pretrain", "conversations", "sft")
     assert set(PIPELINE) <= set(PipelineParams.model_fields)
     # each stage's inputs are declared once, on its parameters, and name stages before it
     assert STAGES["shard"].inputs == {"input": ("dedup", "filter"), "tokenizer": ("tokenizer",)}
