@@ -381,7 +381,7 @@ def cmd_sample(lake: Lake, args) -> int:
     m = lake.resolve(args.model)
     if m.kind != "pretrain":
         raise UsageError(f"--model must be a pretrain version, not {m.ref}")
-    text = generate_text(lake.file_uri(m, "final"), args.prompt, max_new_tokens=args.max_new_tokens,
+    text = generate_text(lake.file_uri(m, "final"), args.prompt, fs=lake.fs, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(text)
     return 0
@@ -395,7 +395,7 @@ def cmd_chat(lake: Lake, args) -> int:
     m = lake.resolve(args.model)
     if m.kind not in ("sft", "pretrain"):
         raise UsageError(f"--model must be an sft or pretrain version, not {m.ref}")
-    model, config, sp = load(lake.file_uri(m, "final"))
+    model, config, sp = load(lake.file_uri(m, "final"), fs=lake.fs)
     limit = model.config.seq_len - min(args.max_new_tokens, model.config.seq_len // 2)  # room for the reply
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

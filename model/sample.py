@@ -22,26 +22,28 @@ from model.gpt import GPT, GPTConfig
 _loaded: dict[tuple[str, str | None], tuple] = {}
 
 
-def load(model_dir, tokenizer: str | None = None, device: str | None = None):
-    """(model in eval mode, config dict, sentencepiece processor) from a final/ folder."""
+def load(model_dir, tokenizer: str | None = None, device: str | None = None, fs=None):
+    """(model in eval mode, config dict, sentencepiece processor) from a final/ folder; `fs`, an
+    fsspec filesystem to read it with (one that holds credentials), else its URL's default."""
     import sentencepiece as spm
 
     root = str(model_dir).rstrip("/")
     key = (root, tokenizer)
     if key in _loaded:
         return _loaded[key]
-    with fsspec.open(f"{root}/config.json", "rt") as f:
+    open_ = fs.open if fs is not None else fsspec.open
+    with open_(f"{root}/config.json", "rb") as f:
         config = json.load(f)
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     model = GPT(GPTConfig(**{k: v for k, v in config.items() if k in fields}))
-    with fsspec.open(f"{root}/model.safetensors", "rb") as f:
+    with open_(f"{root}/model.safetensors", "rb") as f:
         model.load_state_dict(load_safetensors(f.read()))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     tok_path = tokenizer or (f"{root}/{config['tokenizer']}" if config.get("tokenizer") else None)
     if tok_path is None:
         raise ValueError(f"{root} holds no tokenizer.model; pass a sentencepiece model")
-    with fsspec.open(tok_path, "rb") as f:
+    with open_(tok_path, "rb") as f:
         sp = spm.SentencePieceProcessor(model_proto=f.read())
     _loaded[key] = (model, config, sp)
     return _loaded[key]
@@ -49,9 +51,9 @@ def load(model_dir, tokenizer: str | None = None, device: str | None = None):
 
 def generate_text(model_dir, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = None, seed: int | None = 0,
-                  tokenizer: str | None = None) -> str:
+                  tokenizer: str | None = None, fs=None) -> str:
     """The prompt followed by its continuation, decoded."""
-    model, config, sp = load(model_dir, tokenizer)
+    model, config, sp = load(model_dir, tokenizer, fs=fs)
     device = model.wte.weight.device
     bos = config.get("bos_id")
     ids = ([bos] if bos is not None and bos >= 0 else []) + sp.encode(prompt)

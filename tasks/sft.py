@@ -77,7 +77,7 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
     from model.sample import load
     from tasks.conversations import read_conversations
 
-    model, _, sp = load(lake.path("sft", prod.version, "final"), device="cpu")
+    model, _, sp = load(prod.uri("final"), device="cpu", fs=lake.fs)  # the lake's fs: its credentials
     held = list(itertools.islice(read_conversations(lake, conversations, "val"), count)) or \
         list(itertools.islice(read_conversations(lake, conversations, "train"), count))
     out = []

@@ -183,3 +183,89 @@ def test_sft_batches_teach_the_assistants_tokens_only_and_resume_exactly(demo_lo
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     cut = ConversationLoader([*rendered, render_conversation(sp, long_prompt)], 2, 24, pad)
     assert cut.too_long == 1 and len(cut.rows) == 7
+
+
+def test_generated_conversations_are_right_and_come_from_the_corpus(demo_local_run, tmp_path):
+    """With no files the stage generates its conversations: arithmetic whose worked answers add up,
+    questions answered by the corpus's own sentences (dedup and extra text), identity conversations
+    with the given name and maker; seeded, so a rebuild elsewhere gives the same bytes."""
+    import re
+
+    from tasks.ingest import IngestParams, ingest_files
+    from tests.conftest import copy_version
+
+    demo = Lake(demo_local_run[0])
+    lake = Lake(str(tmp_path / "lake"))
+    dd = copy_version(demo, lake, demo.resolve("dedup").ref)
+    facts = tmp_path / "facts.txt"
+    facts.write_text("A lakehouse is a data platform that keeps its tables in object storage. It was named "
+                     "after the lake.\n\nThe version of an artifact is a hash of its inputs and its recipe.\n")
+    extra = ingest_files(lake, IngestParams(files=[str(facts)]))
+    params = ConversationsParams(extra=[extra.ref], arithmetic=300, corpus_questions=40, identity=30,
+                                 assistant_name="Lakeside", assistant_maker="the data team", val_fraction=0.1)
+    m = build_conversations(lake, params, log=lambda s: None)
+    assert m.inputs == [dd, extra.ref]
+    rows = []
+    for split in ("train", "val"):
+        with lake.open(m, f"{split}.jsonl") as f:
+            rows += [json.loads(line) for line in f]
+    by = {k: [r["messages"] for r in rows if r["source"].split(":")[0].split("#")[0] == k]
+          for k in ("arithmetic", "corpus", "identity")}
+    assert m.metrics["sources"]["arithmetic"] == {"format": "generated", "kept": 300, "rejected": 0}
+    assert len(by["arithmetic"]) == 300 and len(by["identity"]) == 30 and 10 <= len(by["corpus"]) <= 40
+    assert any(len(c) == 4 for c in by["arithmetic"])  # some go on for a second turn
+
+    # arithmetic: every step of every worked answer is right, and so is the answer
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b}
+    for conv in by["arithmetic"]:
+        for reply in (t["content"] for t in conv if t["role"] == "assistant"):
+            steps = re.findall(r"(\d+) ([-+x]) (\d+) = (\d+)", reply)
+            assert steps, reply
+            assert all(ops[op](int(a), int(b)) == int(c) for a, op, b, c in steps), reply
+            assert reply.endswith(f"The answer is {steps[-1][3]}."), reply
+
+    # corpus questions: answered by sentences that are in the corpus, word for word
+    corpus_text = " ".join(" ".join(d["text"].split()) for d in _texts(lake, dd)) + " " + " ".join(facts.read_text().split())
+    for conv in by["corpus"]:
+        for reply in (t["content"] for t in conv if t["role"] == "assistant"):
+            assert reply in corpus_text, reply
+    lakehouse = [c for c in by["corpus"] if c[0]["content"] == "What is a lakehouse?"]
+    assert lakehouse and lakehouse[0][1]["content"] == ("A lakehouse is a data platform that keeps its tables in "
+                                                        "object storage. It was named after the lake.")
+
+    # identity: the name and the maker, half under the system prompt that says so
+    for conv in by["identity"]:
+        assert all("Lakeside" in t["content"] or "data team" in t["content"] for t in conv if t["role"] == "assistant")
+    systems = [c[0]["content"] for c in by["identity"] if c[0]["role"] == "system"]
+    assert len(systems) == 15 and set(systems) == {"You are Lakeside, an assistant made by the data team."}
+
+    # seeded: the same version and bytes built elsewhere; another seed, other conversations
+    again = Lake(str(tmp_path / "again"))
+    copy_version(lake, again, dd)
+    copy_version(lake, again, extra.ref)
+    m2 = build_conversations(again, params, log=lambda s: None)
+    assert m2.ref == m.ref and {f["path"]: f["sha256"] for f in m2.files} == {f["path"]: f["sha256"] for f in m.files}
+    m3 = build_conversations(again, params.model_copy(update={"seed": 1}), log=lambda s: None)
+    with lake.open(m, "train.jsonl") as a, again.open(m3, "train.jsonl") as b:
+        assert m3.ref != m.ref and a.read() != b.read()
+
+
+def _texts(lake, ref):
+    from tasks.tokenizer import iter_documents
+
+    return iter_documents(lake, lake.resolve(ref))
+
+
+def test_generated_sets_default_on_without_files_and_off_with_them(tmp_path):
+    assert ConversationsParams().generated() == {"arithmetic": 1000, "corpus_questions": 1000, "identity": 100}
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n')
+    assert ConversationsParams(files=[str(f)]).generated() == {"arithmetic": 0, "corpus_questions": 0, "identity": 0}
+    with pytest.raises(ValueError, match="no conversations: give files or a generated set"):
+        ConversationsParams(arithmetic=0, corpus_questions=0, identity=0)
+    # files alone read no corpus: a lake with nothing else in it is fine
+    lake = str(tmp_path / "lake")
+    r = run_cli("--lake", lake, "stage", "conversations", "--files", str(f), "--identity", "5")
+    assert r.returncode == 0 and "6 conversations" in r.stdout, r.stderr[-2000:]
+    r = run_cli("--lake", lake, "stage", "conversations")
+    assert r.returncode == 2 and "unknown artifact kind 'dedup'" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -49,7 +49,7 @@ def test_commands_flows_and_pipeline_come_from_the_registry():
     assert PIPELINE == ("download", "filter", "dedup", "tokenizer", "shard", "pretrain", "conversations", "sft")
     assert set(PIPELINE) <= set(PipelineParams.model_fields)
     # each stage's inputs are declared once, on its parameters, and name stages before it
-    assert STAGES["shard"].inputs == {"input": ("dedup", "filter"), "tokenizer": ("tokenizer",)}
+    assert STAGES["shard"].inputs == {"input": ("dedup", "filter"), "tokenizer": ("tokenizer",), "extra": ("ingest",)}
     assert STAGES["tokenizer"].inputs == {"input": ("dedup", "filter"), "extra": ("ingest",)}
     order = list(STAGES)
     for st in STAGES.values():

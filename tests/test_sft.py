@@ -136,9 +136,8 @@ def test_chat_in_a_terminal_and_for_scripts(demo_local_run):
     import pty
     import select
 
-    lake = demo_local_run[0]
-    cmd = [str(BIN / "crawl2model"), "--lake", lake, "chat", "--model", "pretrain@latest", "--system",
-           "You are Lakeside.", "--max-new-tokens", "24"]
+    lake = demo_local_run[0]  # its pipeline ended with sft: the default model, sft@latest
+    cmd = [str(BIN / "crawl2model"), "--lake", lake, "chat", "--system", "You are Lakeside.", "--max-new-tokens", "24"]
     master, slave = pty.openpty()
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
@@ -156,7 +155,7 @@ def test_chat_in_a_terminal_and_for_scripts(demo_local_run):
                     break
 
     until(b"you> ", 1)
-    assert b"chatting with pretrain@" in seen
+    assert f"chatting with {Lake(lake).resolve('sft').ref}".encode() in seen
     for n, line in enumerate([b"What is 2 + 2?\n", b"And 3 + 3?\n", b"/reset\n"], start=2):
         os.write(master, line)
         until(b"you> ", n)
@@ -166,7 +165,7 @@ def test_chat_in_a_terminal_and_for_scripts(demo_local_run):
     text = seen.decode(errors="replace")
     assert text.count("assistant> ") == 2 and "(a new conversation)" in text
 
-    one = [*cmd[:3], "chat", "--model", "pretrain@latest", "--prompt", "What is 2 + 2?", "--json", "--seed", "7",
+    one = [*cmd[:3], "chat", "--model", "sft@latest", "--prompt", "What is 2 + 2?", "--json", "--seed", "7",
            "--max-new-tokens", "16"]
     a, b = (subprocess.run(one, capture_output=True, text=True, timeout=120) for _ in range(2))
     assert a.returncode == 0 and json.loads(a.stdout)["reply"] == json.loads(b.stdout)["reply"], a.stderr[-2000:]
