@@ -152,7 +152,7 @@ def cmd_verify(lake: Lake, args) -> int:
 # --------------------------------------------------------------------------- runs
 
 
-def _params(model, **values):
+def _params(model, /, **values):
     """Build a stage's parameter model; a validation error becomes one line naming the field."""
     from pydantic import ValidationError
 

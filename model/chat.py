@@ -57,9 +57,9 @@ def render_for_reply(sp, messages: list[dict]) -> list[int]:
 
 
 class ConversationLoader:
-    """An endless stream of (x, y) int64 batches of shape (B, T) of rendered conversations for
+    """An endless stream of (x, y) int64 batches of shape (B, W) of rendered conversations for
     one rank, as nanochat's SFT feeds them: one conversation a row, cut to T + 1 tokens, padded
-    with <|pad|> (x) and -1 (y); y is the next token where the mask says the model should say it
+    with <|pad|> (x) and -1 (y) to W, the batch's longest row (at most T); y is the next token where the mask says the model should say it
     (the assistant's replies and their <|end|>), -1 elsewhere (the loss ignores -1). Conversation
     i belongs to rank i % world_size (those whose first reply starts past T + 1 tokens are left out
     and counted: `too_long`); every epoch walks this rank's in a seeded order; the state (epoch,
@@ -96,16 +96,19 @@ class ConversationLoader:
         self.epoch, self.pos = 0, 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.full((self.B, self.T), self.pad, dtype=torch.int64)
-        y = torch.full((self.B, self.T), -1, dtype=torch.int64)
-        order = self._order()
-        for b in range(self.B):
+        order, rows = self._order(), []
+        for _ in range(self.B):
             if self.pos == len(order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 order = self._order()
             ids, mask = self.rows[order[self.pos]]
             self.pos += 1
-            ids, mask = ids[:self.T + 1], mask[:self.T + 1]
+            rows.append((ids[:self.T + 1], mask[:self.T + 1]))
+        # as wide as the batch's longest row, not T: short conversations cost no padded compute
+        width = max(len(ids) - 1 for ids, _ in rows)
+        x = torch.full((self.B, width), self.pad, dtype=torch.int64)
+        y = torch.full((self.B, width), -1, dtype=torch.int64)
+        for b, (ids, mask) in enumerate(rows):
             n = len(ids) - 1
             x[b, :n] = torch.tensor(ids[:-1])
             y[b, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])

@@ -56,8 +56,8 @@ def demo_params(mirror_url: str, text_ref: str) -> dict:
     return {**p, "tokenizer": changed("tokenizer", extra=[text_ref], vocab_size=2048),
             "shard": changed("shard", extra=[text_ref], val_fraction=0.02, shard_tokens=1 << 20,
                              row_group_tokens=1 << 16),
-            "pretrain": changed("pretrain", max_steps=450, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=100,
+            "pretrain": changed("pretrain", max_steps=400, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=100,
                                 eval_steps=8, sample_every=0, checkpoint_every=200),
             "conversations": changed("conversations", extra=[text_ref]),
-            "sft": changed("sft", max_steps=150, batch_size=8, seq_len=256, lr=1e-3, eval_every=50,
-                           checkpoint_every=75)}
+            "sft": changed("sft", max_steps=300, batch_size=8, seq_len=256, lr=3e-3, eval_every=100,
+                           checkpoint_every=150)}

@@ -144,26 +144,30 @@ def test_sft_batches_teach_the_assistants_tokens_only_and_resume_exactly(demo_lo
     pad = sp.piece_to_id("<|pad|>")
     loader = ConversationLoader(rendered, batch_size=3, seq_len=24, pad_id=pad, seed=1)
 
-    def row(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    def row(ids: list[int], mask: list[int], width: int) -> tuple[list[int], list[int]]:
         """What a conversation's row must be: its first 25 tokens as input and next-token targets,
-        a target only where the mask is 1, padded to 24."""
+        a target only where the mask is 1, padded to the batch's width."""
         n = min(len(ids), 25) - 1
-        return (ids[:n] + [pad] * (24 - n),
-                [t if m else -1 for t, m in zip(ids[1:n + 1], mask[1:n + 1])] + [-1] * (24 - n))
+        return (ids[:n] + [pad] * (width - n),
+                [t if m else -1 for t, m in zip(ids[1:n + 1], mask[1:n + 1])] + [-1] * (width - n))
 
-    expected = [row(*r) for r in rendered]
-    seen = []
+    seen, widths = [], set()
     for _ in range(3):  # 9 rows: one epoch of 7 and the start of the next
         x, y = loader.next_batch()
+        expected = [row(*r, x.shape[1]) for r in rendered]
         seen += [expected.index(got) for got in zip(x.tolist(), y.tolist())]  # ValueError if a row is wrong
+        # as wide as its longest row, no wider
+        assert x.shape[1] == max(min(len(rendered[i][0]), 25) - 1 for i in seen[-3:])
+        widths.add(x.shape[1])
     assert sorted(seen[:7]) == list(range(7))  # each conversation once an epoch
+    assert max(widths) == 24  # the long conversation is cut to T
     # what is learned: the replies and their <|end|>, decoded back to the text
     _, y = ConversationLoader([rendered[0]], 1, 64, pad).next_batch()
-    assert len(rendered[0][0]) < 64
+    assert len(rendered[0][0]) < 64 and y.shape == (1, len(rendered[0][0]) - 1)  # no padding to 64
     taught = [t for t in y[0].tolist() if t != -1]
     assert sp.decode(taught[:-1]) == "0 + 0 = 0." and taught[-1] == sp.piece_to_id(END)
     # the loss ignores -1: only taught positions count
-    logits = torch.randn(1, 64, sp.get_piece_size())
+    logits = torch.randn(1, y.shape[1], sp.get_piece_size())
     loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
     keep = y.view(-1) != -1
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1))[keep],

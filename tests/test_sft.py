@@ -16,7 +16,7 @@ import torch
 
 from tasks.conversations import ConversationsParams, build_conversations
 from tasks.lake import Lake
-from tests.conftest import BIN
+from tests.conftest import BIN, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,13 @@ def test_sft_arguments_go_together(tmp_path):
     r = subprocess.run([sys.executable, "-m", "model.train", "--conversations", str(tmp_path), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--conversations and --init-from go together" in r.stderr
+    # the stage's command: its `--model` option is a parameter like any other (it once collided with
+    # the CLI's own argument name); a bad value is one line before any work
+    lake = str(tmp_path / "lake")
+    r = run_cli("--lake", lake, "stage", "sft", "--model", "pretrain@nothing", "--max-steps", "5")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: unknown artifact kind 'pretrain' in lake {lake}"], r.stderr
+    r = run_cli("--lake", lake, "stage", "sft", "--max-steps", "0")
+    assert r.returncode == 2 and "invalid max-steps: Input should be greater than or equal to 1" in r.stderr, r.stderr
 
 
 def test_the_sft_stage_commits_a_chat_model_with_its_lineage(demo_local_run, sft_inputs, tmp_path):
