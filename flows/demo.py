@@ -99,7 +99,8 @@ def word_share(texts: list[str], vocabulary: set[str]) -> float:
 
 
 def two_turns(model_dir: str, questions: list[str], max_new_tokens: int = 60) -> list[tuple[str, str]]:
-    """A conversation with a fine-tuned model: each question asked after the earlier turns."""
+    """A conversation with a fine-tuned model: each question asked after the earlier turns, the
+    replies greedy (the likeliest token each time: a tiny model's best, and the same every run)."""
     from model.chat import stream_reply, stream_text
     from model.sample import load
 
@@ -107,7 +108,7 @@ def two_turns(model_dir: str, questions: list[str], max_new_tokens: int = 60) ->
     messages, out = [], []
     for i, q in enumerate(questions):
         messages.append({"role": "user", "content": q})
-        reply = "".join(stream_text(sp, stream_reply(model, sp, messages, max_new_tokens, 0.6, 20, None, i)))
+        reply = "".join(stream_text(sp, stream_reply(model, sp, messages, max_new_tokens, 0.0, None, None, i)))
         messages.append({"role": "assistant", "content": reply})
         out.append((q, reply))
     return out
