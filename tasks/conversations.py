@@ -79,12 +79,14 @@ class ConversationsParams(StageParams):
                             "(read only when corpus_questions > 0)")
     extra: list[str] = input_ref("ingest", many=True, description="ingest refs of extra text whose sentences also "
                                  "answer generated questions")
+    probes: list[str] = input_ref("probe", many=True, description="probe refs whose examples (\"not sure\" for "
+                                  "the unknown questions the model answered, reference answers for known ones) join")
     arithmetic: int | None = Field(None, ge=0, le=10_000_000, description="generated arithmetic conversations with "
-                                   "worked answers; default: 1000 when no files are given, else 0")
+                                   "worked answers; default: 1000 when no files or probes are given, else 0")
     corpus_questions: int | None = Field(None, ge=0, le=10_000_000, description="generated questions answered by "
-                                         "the corpus's sentences; default: 1000 when no files are given, else 0")
+                                         "the corpus's sentences; default: 1000 when no files or probes are given, else 0")
     identity: int | None = Field(None, ge=0, le=1_000_000, description="generated who-are-you conversations; "
-                                 "default: 100 when no files are given, else 0")
+                                 "default: 100 when no files or probes are given, else 0")
     assistant_name: str = Field("Crawly", min_length=1, max_length=100, description="the name identity "
                                 "conversations give the assistant")
     assistant_maker: str = Field("the crawl2model project", min_length=1, max_length=200,
@@ -95,16 +97,17 @@ class ConversationsParams(StageParams):
 
     def generated(self) -> dict[str, int]:
         """How many conversations of each generated set (their defaults applied)."""
-        return {k: v if (v := getattr(self, k)) is not None else (0 if self.files else n)
+        return {k: v if (v := getattr(self, k)) is not None else (0 if self.files or self.probes else n)
                 for k, n in GENERATED_WITHOUT_FILES.items()}
 
     def inputs_read(self) -> set[str]:
-        return {"corpus", "extra"} if self.generated()["corpus_questions"] else set()
+        return {"probes"} | ({"corpus", "extra"} if self.generated()["corpus_questions"] else set())
 
     @model_validator(mode="after")
     def _something(self):
-        if not self.files and not any(self.generated().values()):
-            raise ValueError("no conversations: give files or a generated set (arithmetic, corpus_questions, identity)")
+        if not self.files and not self.probes and not any(self.generated().values()):
+            raise ValueError("no conversations: give files, probes or a generated set (arithmetic, corpus_questions, "
+                             "identity)")
         return self
 
     @field_validator("files")
@@ -368,6 +371,14 @@ def identity_conversations(n: int, name: str, maker: str, seed: int) -> Iterator
 
 
 
+def probe_examples(lake: Lake, m: Manifest) -> Iterator[tuple[str, dict]]:
+    """The examples a `probe` version wrote for the next SFT round (tasks/probe.py)."""
+    with lake.open(m, "examples.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            yield row["source"], {"messages": row["messages"]}
+
+
 def held_out(messages: list[dict]) -> float:
     """Where a conversation falls in [0, 1): a hash of its messages (the split's key)."""
     key = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
@@ -381,6 +392,7 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
     recipe, generated = params.recipe(), params.generated()
     inputs = resolve_inputs(lake, params)  # the corpus is read only when questions are made from it
     corpus, extras = ([inputs["corpus"]], inputs["extra"]) if "corpus" in inputs else ([], [])
+    probes = inputs["probes"]
 
     def sources() -> Iterator[tuple[str, str, Iterator[tuple[str, object]]]]:
         """(source name, format, its conversations) of the files, then of the generated sets."""
@@ -389,6 +401,8 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
         for spec in params.files:
             fmt, path = parse_source(spec)
             yield Path(path).name, fmt, read_source(fmt, path)
+        for m in probes:
+            yield m.ref, "probe", probe_examples(lake, m)
         if generated["arithmetic"]:
             yield "arithmetic", "generated", arithmetic_conversations(generated["arithmetic"], params.seed)
         if generated["corpus_questions"]:
@@ -450,7 +464,7 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
         runtime().table("conversation-sources", [{"source": k, **v} for k, v in kept_by_source.items()],
                         f"{prod.ref}: conversations kept and rejected per source")
 
-    return run_stage(lake, "conversations", recipe, [m.ref for m in corpus + extras], CODE_VERSION, build,
+    return run_stage(lake, "conversations", recipe, [m.ref for m in corpus + extras + probes], CODE_VERSION, build,
                      rebuild=params.rebuild)
 
 

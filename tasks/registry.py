@@ -19,7 +19,7 @@ from typing import Callable, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from tasks import conversations, dedup, download, filter as filter_, ingest, pretrain, sft, shard, tokenizer
+from tasks import conversations, dedup, download, filter as filter_, ingest, pretrain, probe, sft, shard, tokenizer
 from tasks.lake import Lake, Manifest
 from tasks.stage import StageParams, Strict, input_kinds
 
@@ -62,7 +62,8 @@ def register(stage: Stage) -> Stage:
     if stage.name in STAGES and STAGES[stage.name] != stage:
         raise ValueError(f"stage {stage.name!r} is registered twice")
     for name, kinds in stage.inputs.items():
-        if kinds[0] not in STAGES and kinds[0] != stage.name:
+        many = isinstance(stage.params.model_fields[name].default_factory, type)  # a list: empty by default
+        if not many and kinds[0] not in STAGES and kinds[0] != stage.name:
             raise ValueError(f"stage {stage.name!r}: input {name!r} reads {kinds[0]!r}, which is not a stage "
                              "registered before it")
     STAGES[stage.name] = stage
@@ -90,6 +91,9 @@ for _stage in [
           "for post-training"),
     Stage("sft", sft.SftParams, sft.sft, sft.summary,
           "a model fine-tuned on conversations (the assistant's replies), with torchrun", pool="gpu"),
+    Stage("probe", probe.ProbeParams, probe.probe, probe.summary,
+          "questions a chat model can and cannot know: does it say it is not sure? (examples for the next sft)",
+          pool="gpu", in_pipeline=False),
 ]:
     register(_stage)
 

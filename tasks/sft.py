@@ -63,6 +63,9 @@ def sft(lake: Lake, params: SftParams, log: Callable[[str], None] = print) -> Ma
         prod.metrics["dialogues"] = sample_dialogues(lake, prod, conversations, params)
         runtime().markdown("sft-dialogues", dialogues_markdown(prod.ref, prod.metrics["dialogues"]),
                            f"{prod.ref}: its replies to held-out questions")
+        probes = [lake.resolve(ref) for ref in conversations.inputs if ref.startswith("probe@")]
+        if probes:
+            prod.metrics["uncertainty"] = measure_uncertainty(lake, prod, probes[0], log)
 
     return run_stage(lake, "sft", params.recipe(), [base.ref, conversations.ref], CODE_VERSION, build,
                      rebuild=params.rebuild)
@@ -93,6 +96,32 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
         out.append({"user": conv[first]["content"], "assistant": reply,
                     "reference": conv[first + 1]["content"] if first + 1 < len(conv) else None})
     return out
+
+
+def measure_uncertainty(lake: Lake, prod: Production, probe_m: Manifest, log: Callable[[str], None]) -> dict:
+    """The probe's held-out questions asked again, of the fine-tuned model, as the probe asked
+    them (tasks/probe.py): refusal and answer rates before (the probed model) and after (this one)."""
+    import json
+    import types
+
+    from model.sample import load
+    from tasks.probe import interrogate, model_asker, publish, rates
+
+    with lake.open(probe_m, "heldout.jsonl") as f:
+        questions = [{k: v for k, v in json.loads(line).items() if k not in ("replies", "declined", "correct", "verdict")}
+                     for line in f]
+    model, _, sp = load(prod.uri("final"), device="cpu", fs=lake.fs)
+    asked = types.SimpleNamespace(**probe_m.params)
+    after = interrogate(model_asker(model, sp, asked), questions, asked.samples)
+    with prod.open("uncertainty.jsonl") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in after).encode())
+    result = {"probe": probe_m.ref, "before": probe_m.metrics["heldout"], "after": rates(after)}
+    publish(prod.ref, {f"before ({probe_m.metrics['model']})": result["before"], f"after ({prod.ref})": result["after"]})
+    b, a = result["before"], result["after"]
+    log(f"sft: on {len(questions)} held-out questions of {probe_m.ref}: refusal rate on unanswerable "
+        f"{b['refusal_rate_unanswerable']} -> {a['refusal_rate_unanswerable']}, answer rate on answerable "
+        f"{b['answer_rate_answerable']} -> {a['answer_rate_answerable']}")
+    return result
 
 
 def dialogues_markdown(ref: str, dialogues: list[dict]) -> str:
