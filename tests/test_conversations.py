@@ -265,7 +265,7 @@ def test_generated_sets_default_on_without_files_and_off_with_them(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n')
     assert ConversationsParams(files=[str(f)]).generated() == {"arithmetic": 0, "corpus_questions": 0, "identity": 0}
-    with pytest.raises(ValueError, match="no conversations: give files or a generated set"):
+    with pytest.raises(ValueError, match="no conversations: give files, probes or a generated set"):
         ConversationsParams(arithmetic=0, corpus_questions=0, identity=0)
     # files alone read no corpus: a lake with nothing else in it is fine
     lake = str(tmp_path / "lake")
