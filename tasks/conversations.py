@@ -9,7 +9,12 @@ when none):
   worked answer the assistant's, its calculator annotations (`<<48/2=24>>`) removed and its last
   line (`#### 72`) said as `The answer is 72.`;
 - `sgd`: a JSON list of Schema-Guided Dialogue dialogues: USER turns are the user's, SYSTEM
-  turns the assistant's (a trailing user turn, which has no reply, is left out).
+  turns the assistant's (a trailing user turn, which has no reply, is left out);
+- `sharegpt`: a JSON list of `{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}`
+  (FastChat's identity conversations among them): the names of other assistants and their makers
+  (`FOREIGN_NAMES`: Vicuna, LMSYS, ...) are replaced by `assistant_name` and `assistant_maker`; a
+  conversation whose assistant still names another assistant or maker is rejected
+  (`names_another_assistant`), never trained on.
 
 Generated sets, so a lake with no conversation files still gets an assistant (the pipeline's
 default: 1,000 arithmetic, 1,000 corpus and 100 identity conversations when no file is given):
@@ -53,7 +58,7 @@ from tasks.report import runtime
 from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 
 CODE_VERSION = "conversations/1"
-FORMATS = ("messages", "gsm8k", "sgd")
+FORMATS = ("messages", "gsm8k", "sgd", "sharegpt")
 GENERATED_WITHOUT_FILES = {"arithmetic": 1000, "corpus_questions": 1000, "identity": 100}
 ROLES = ("system", "user", "assistant")
 
@@ -131,9 +136,9 @@ class ConversationsParams(StageParams):
         recipe = {"sources": sources, "val_fraction": self.val_fraction, "rejected_sample": self.rejected_sample}
         generated = self.generated()
         if any(generated.values()):  # (a version from files alone keeps the version it had)
-            recipe["generated"] = generated
-            recipe.update(seed=self.seed, **({"assistant": [self.assistant_name, self.assistant_maker]}
-                                             if generated["identity"] else {}))
+            recipe.update(generated=generated, seed=self.seed)
+        if generated["identity"] or any(fmt == "sharegpt" for _, fmt, _ in sources):  # the identity it teaches
+            recipe["assistant"] = [self.assistant_name, self.assistant_maker]
         return recipe
 
 
@@ -216,8 +221,35 @@ def from_sgd(dialogue) -> dict:
     return {"messages": messages}
 
 
-def read_source(fmt: str, path: str) -> Iterator[tuple[str, object]]:
-    """(where, a conversation dict or Rejected) for every conversation of one source file."""
+# Other assistants' names and makers in public identity sets (FastChat's), longest first: replaced
+# by ours, and a conversation that still names one after that is rejected.
+FOREIGN_NAMES = [(r"researchers from Large Model Systems Organization \(LMSYS\)", "maker"),
+                 (r"Large Model Systems Organization \(LMSYS\)", "maker"), (r"Large Model Systems Organization", "maker"),
+                 (r"LMSYS", "maker"), (r"Vicuna", "name")]
+FOREIGN = re.compile(r"Vicuna|LMSYS|Large Model Systems|ChatGPT|OpenAI|Claude|Anthropic|LLaMA|Alpaca", re.IGNORECASE)
+
+
+def from_sharegpt(row, name: str, maker: str) -> dict:
+    if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
+        raise Rejected("malformed")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    messages = []
+    for turn in row["conversations"]:
+        if not isinstance(turn, dict) or turn.get("from") not in roles or not isinstance(turn.get("value"), str):
+            raise Rejected("unknown_role" if isinstance(turn, dict) and "from" in turn else "malformed")
+        text = turn["value"]
+        for pattern, what in FOREIGN_NAMES:
+            text = re.sub(pattern, maker if what == "maker" else name, text)
+        if roles[turn["from"]] == "assistant" and FOREIGN.search(text):  # (a user may ask "Are you ChatGPT?")
+            raise Rejected("names_another_assistant")
+        messages.append({"role": roles[turn["from"]], "content": text})
+    return {"messages": messages}
+
+
+def read_source(fmt: str, path: str, assistant: tuple[str, str] = ("Crawly", "the crawl2model project")
+                ) -> Iterator[tuple[str, object]]:
+    """(where, a conversation dict or Rejected) for every conversation of one source file;
+    `assistant`: the (name, maker) that replace other assistants' in `sharegpt` sources."""
     name = Path(path).name
     if fmt == "sgd":
         try:
@@ -236,6 +268,22 @@ def read_source(fmt: str, path: str) -> Iterator[tuple[str, object]]:
             where = f"{name}#{d.get('dialogue_id', i) if isinstance(d, dict) else i}"
             try:
                 yield where, from_sgd(d)
+            except Rejected as e:
+                yield where, e
+        return
+    if fmt == "sharegpt":
+        try:
+            rows = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            yield name, Rejected("not_utf8")
+            return
+        except json.JSONDecodeError:
+            yield name, Rejected("invalid_json")
+            return
+        for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
+            where = f"{name}#{row.get('id', i) if isinstance(row, dict) else i}"
+            try:
+                yield where, from_sharegpt(row, *assistant)
             except Rejected as e:
                 yield where, e
         return
@@ -347,9 +395,30 @@ def system_prompt(name: str, maker: str) -> str:
     return f"You are {name}, an assistant made by {maker}."
 
 
-def identity_conversations(n: int, name: str, maker: str, seed: int) -> Iterator[tuple[str, dict]]:
-    rng = random.Random(f"identity:{seed}")
-    qa = [
+# Other identities a system prompt may give (a third of the identity conversations use one, each
+# made up: too many to memorise, so the model learns to take its name from the prompt); the held-out
+# ones below are never trained on.
+_SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "vo", "zel", "bri", "dan", "fi", "gor", "hal", "jun", "ne", "pa", "qui",
+              "sa", "tor", "ul", "wen", "yas", "ber", "cor", "del"]
+_MAKER_KINDS = ["Lab", "Labs", "Institute", "Group", "Project", "Systems", "Research"]
+
+
+def _persona(rng: random.Random) -> tuple[str, str]:
+    word = lambda: "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()  # noqa: E731
+    while (name := word()) in {n for n, _ in HELDOUT_PERSONAS}:  # ("mi" + "ra")
+        pass
+    return name, f"{rng.choice(['the ', ''])}{word()} {rng.choice(_MAKER_KINDS)}"
+
+
+HELDOUT_PERSONAS = [("Orion", "Northwind Labs"), ("Mira", "the Aster Institute")]
+# held-out phrasings (no training conversation asks these), and what a right answer contains
+IDENTITY_QUESTIONS = [("Please tell me your name.", "name"), ("How should I address you?", "name"),
+                      ("Introduce yourself, please.", "name"), ("Which organisation created you?", "maker"),
+                      ("Who developed you?", "maker")]
+
+
+def _identity_qa(name: str, maker: str) -> list[tuple[list[str], list[str]]]:
+    return [
         (["Who are you?", "Introduce yourself.", "Tell me about yourself.", "What are you?"],
          [f"I am {name}, an assistant made by {maker}.", f"I'm {name}, a small language model made by {maker}."]),
         (["What is your name?", "What's your name?", "Do you have a name?", "What should I call you?"],
@@ -361,14 +430,46 @@ def identity_conversations(n: int, name: str, maker: str, seed: int) -> Iterator
           "on. I am a small model, so please check what I say."]),
         (["Hello!", "Hi there.", "Good morning!"], [f"Hello! I am {name}. How can I help you?"]),
     ]
+
+
+def identity_conversations(n: int, name: str, maker: str, seed: int) -> Iterator[tuple[str, dict]]:
+    """Who the assistant is: a third with no system prompt (the default identity, trained in), a
+    third under the system prompt that gives that identity, a third under one that gives another
+    (`_persona`), answered with the prompt's name and maker."""
+    rng = random.Random(f"identity:{seed}")
     for i in range(n):
-        messages = [{"role": "system", "content": system_prompt(name, maker)}] if i % 2 else []
+        who = (name, maker) if i % 3 < 2 else _persona(rng)
+        messages = [{"role": "system", "content": system_prompt(*who)}] if i % 3 else []
+        qa = _identity_qa(*who)
         for _ in range(2 if rng.random() < 0.3 else 1):
             questions, answers = rng.choice(qa)
             messages += [{"role": "user", "content": rng.choice(questions)},
                          {"role": "assistant", "content": rng.choice(answers)}]
         yield f"identity#{i}", {"messages": messages}
 
+
+def identity_rates(reply: Callable[[list[dict]], str], name: str, maker: str) -> dict:
+    """The share of the held-out identity questions (`IDENTITY_QUESTIONS`) answered with the right
+    name or maker: without a system prompt (the trained-in identity, `name`/`maker`) and under the
+    system prompt of each held-out persona (its own). `reply(messages)` is the model's answer."""
+    def share(system: str | None, who: tuple[str, str]) -> tuple[float, list[dict]]:
+        rows = []
+        for q, wants in IDENTITY_QUESTIONS:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+            answer = reply(messages)
+            expected = who[0] if wants == "name" else who[1]
+            rows.append({"system": system, "question": q, "reply": answer, "expected": expected,
+                         "right": expected.lower() in answer.lower()})
+        return sum(r["right"] for r in rows) / len(rows), rows
+
+    without, rows = share(None, (name, maker))
+    with_prompt = []
+    for persona in HELDOUT_PERSONAS:
+        rate, more = share(system_prompt(*persona), persona)
+        with_prompt.append(rate)
+        rows += more
+    return {"without_system": round(without, 4), "with_system": round(sum(with_prompt) / len(with_prompt), 4),
+            "questions": len(rows), "replies": rows}
 
 
 def probe_examples(lake: Lake, m: Manifest) -> Iterator[tuple[str, dict]]:
@@ -400,7 +501,7 @@ def build_conversations(lake: Lake, params: ConversationsParams, log: Callable[[
 
         for spec in params.files:
             fmt, path = parse_source(spec)
-            yield Path(path).name, fmt, read_source(fmt, path)
+            yield Path(path).name, fmt, read_source(fmt, path, (params.assistant_name, params.assistant_maker))
         for m in probes:
             yield m.ref, "probe", probe_examples(lake, m)
         if generated["arithmetic"]:

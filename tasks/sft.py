@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 from pydantic import Field, create_model
 
 from model.config import TrainConfig
+from tasks.conversations import ConversationsParams
 from tasks.lake import Lake, Manifest, Production
 from tasks.pretrain import TRAIN_FIELDS, launch_training, pydantic_fields, record_training
 from tasks.report import runtime
@@ -63,6 +64,11 @@ def sft(lake: Lake, params: SftParams, log: Callable[[str], None] = print) -> Ma
         prod.metrics["dialogues"] = sample_dialogues(lake, prod, conversations, params)
         runtime().markdown("sft-dialogues", dialogues_markdown(prod.ref, prod.metrics["dialogues"]),
                            f"{prod.ref}: its replies to held-out questions")
+        assistant = conversations.params.get("assistant")
+        if assistant or any(fmt == "sharegpt" for _, fmt, _ in conversations.params.get("sources", [])):
+            prod.metrics["identity"] = measure_identity(lake, prod, base, *(assistant or (
+                ConversationsParams.model_fields["assistant_name"].default,
+                ConversationsParams.model_fields["assistant_maker"].default)), log=log)
         probes = [lake.resolve(ref) for ref in conversations.inputs if ref.startswith("probe@")]
         if probes:
             prod.metrics["uncertainty"] = measure_uncertainty(lake, prod, probes[0], log)
@@ -96,6 +102,35 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
         out.append({"user": conv[first]["content"], "assistant": reply,
                     "reference": conv[first + 1]["content"] if first + 1 < len(conv) else None})
     return out
+
+
+def measure_identity(lake: Lake, prod: Production, base: Manifest, name: str, maker: str,
+                     log: Callable[[str], None]) -> dict:
+    """Held-out identity questions (tasks/conversations.py: identity_rates), greedy, of the base
+    model (before) and the fine-tuned one (after): answered with the trained-in name and maker
+    without a system prompt, and with a held-out persona's under its system prompt."""
+    import json
+
+    from model.chat import stream_reply, stream_text
+    from model.sample import load
+    from tasks.conversations import identity_rates
+
+    result = {"name": name, "maker": maker}
+    for when, uri in (("before", lake.file_uri(base, "final")), ("after", prod.uri("final"))):
+        model, _, sp = load(uri, device="cpu", fs=lake.fs)
+        rates = identity_rates(lambda messages: "".join(stream_text(sp, stream_reply(
+            model, sp, messages, 32, 0.0, None, None, 0))), name, maker)
+        result[when] = {k: v for k, v in rates.items() if k != "replies"}
+        if when == "after":
+            with prod.open("identity.jsonl") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rates["replies"]).encode())
+    runtime().table("identity", [{"measured": f"{w} ({base.ref if w == 'before' else prod.ref})", **result[w]}
+                                 for w in ("before", "after")],
+                    f"{prod.ref}: held-out identity questions answered with the right name or maker")
+    log(f"sft: identity without a system prompt {result['before']['without_system']:.0%} -> "
+        f"{result['after']['without_system']:.0%}, with a held-out one {result['before']['with_system']:.0%} -> "
+        f"{result['after']['with_system']:.0%}")
+    return result
 
 
 def measure_uncertainty(lake: Lake, prod: Production, probe_m: Manifest, log: Callable[[str], None]) -> dict:

@@ -237,11 +237,20 @@ def test_generated_conversations_are_right_and_come_from_the_corpus(demo_local_r
     assert lakehouse and lakehouse[0][1]["content"] == ("A lakehouse is a data platform that keeps its tables in "
                                                         "object storage. It was named after the lake.")
 
-    # identity: the name and the maker, half under the system prompt that says so
+    # identity: a third with no system prompt (the trained-in name and maker), a third under the
+    # prompt that says so, a third under another identity's prompt: every reply names its prompt's
+    from tasks.conversations import HELDOUT_PERSONAS, IDENTITY_QUESTIONS
+    ours = "You are Lakeside, an assistant made by the data team."
+    assert sum(c[0]["role"] != "system" for c in by["identity"]) == 10
+    assert sum(c[0]["content"] == ours for c in by["identity"]) == 10
     for conv in by["identity"]:
-        assert all("Lakeside" in t["content"] or "data team" in t["content"] for t in conv if t["role"] == "assistant")
-    systems = [c[0]["content"] for c in by["identity"] if c[0]["role"] == "system"]
-    assert len(systems) == 15 and set(systems) == {"You are Lakeside, an assistant made by the data team."}
+        name, maker = (re.match(r"You are (.+), an assistant made by (.+)\.$", conv[0]["content"]).groups()
+                       if conv[0]["role"] == "system" else ("Lakeside", "the data team"))
+        assert all(name in t["content"] or maker.lower() in t["content"].lower() for t in conv if t["role"] == "assistant")
+    # the held-out identity questions and personas are never trained on
+    asked = {t["content"] for c in by["identity"] for t in c}
+    assert not asked & {q for q, _ in IDENTITY_QUESTIONS}
+    assert not any(n in t for n, _ in HELDOUT_PERSONAS for t in asked)
 
     # seeded: the same version and bytes built elsewhere; another seed, other conversations
     again = Lake(str(tmp_path / "again"))
@@ -273,3 +282,28 @@ def test_generated_sets_default_on_without_files_and_off_with_them(tmp_path):
     assert r.returncode == 0 and "6 conversations" in r.stdout, r.stderr[-2000:]
     r = run_cli("--lake", lake, "stage", "conversations")
     assert r.returncode == 2 and "unknown artifact kind 'dedup'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fastchat_identity_conversations_get_our_name(shared_data, tmp_path):
+    """FastChat's identity set names another assistant (Vicuna) and its maker (LMSYS): they are
+    replaced by ours; a reply that still names another assistant is rejected, never trained on."""
+    fastchat = shared_data / "chat" / "fastchat-dummy-conversation.json"
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "Are you ChatGPT?"},
+                                                             {"from": "gpt", "value": "Yes, I am ChatGPT."}]},
+                               {"id": "y", "conversations": [{"from": "robot", "value": "beep"}]}]))
+    lake = Lake(str(tmp_path / "lake"))
+    m = build_conversations(lake, ConversationsParams(files=[f"sharegpt:{fastchat}", f"sharegpt:{odd}"],
+                                                      assistant_name="Lakeside", assistant_maker="the data team"),
+                            log=lambda s: None)
+    assert m.metrics["sources"]["fastchat-dummy-conversation.json"] == {"format": "sharegpt", "kept": 500, "rejected": 0}
+    assert m.metrics["rejected"] == {"names_another_assistant": 1, "unknown_role": 1}
+    every = [c for split in ("train", "val") for c in read_conversations(lake, m, split)]
+    replies = [t["content"] for c in every for t in c if t["role"] == "assistant"]
+    assert not any(w in r for r in replies for w in ("Vicuna", "LMSYS", "Large Model Systems"))
+    assert "I am Lakeside, a language model trained by the data team." in replies
+    assert any(c[0]["content"] == "Are you ChatGPT?" and "the data team" in c[1]["content"] for c in every)
+    # the identity is part of the version: another name, another version
+    other = build_conversations(lake, ConversationsParams(files=[f"sharegpt:{fastchat}"], assistant_name="Orbit"),
+                                log=lambda s: None)
+    assert other.ref != m.ref and other.params["assistant"][0] == "Orbit"

@@ -192,3 +192,23 @@ def test_chat_in_a_terminal_and_for_scripts(demo_local_run):
     assert dropped > 0 and kept[1:] == long[1 + dropped:] and kept[1]["role"] == "user"
     with pytest.raises(ValueError, match="the model's context holds 8"):
         fit_context(sp, long, 8)
+
+
+def test_the_pipelines_sft_measures_identity_before_and_after(demo_local_run):
+    """The demo pipeline's conversations include identity ones, so its sft round asks the held-out
+    identity questions (greedy) of the base model and of itself, without a system prompt and under
+    held-out personas' prompts: the rates in the manifest are those of the replies it kept."""
+    from tasks.conversations import HELDOUT_PERSONAS, IDENTITY_QUESTIONS
+
+    lake = Lake(demo_local_run[0])
+    m = lake.resolve("sft")
+    ident = m.metrics["identity"]
+    assert (ident["name"], ident["maker"]) == ("Crawly", "the crawl2model project")
+    n = len(IDENTITY_QUESTIONS)
+    assert ident["before"]["questions"] == ident["after"]["questions"] == n * (1 + len(HELDOUT_PERSONAS))
+    with lake.open(m, "identity.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["right"] for r in rows] == [r["expected"].lower() in r["reply"].lower() for r in rows]
+    assert ident["after"]["without_system"] == round(sum(r["right"] for r in rows[:n]) / n, 4)
+    assert ident["after"]["with_system"] == round(sum(r["right"] for r in rows[n:]) / (len(rows) - n), 4)
+    assert {r["system"] for r in rows[n:]} == {f"You are {a}, an assistant made by {b}." for a, b in HELDOUT_PERSONAS}
