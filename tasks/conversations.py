@@ -251,7 +251,7 @@ def read_source(fmt: str, path: str, assistant: tuple[str, str] = ("Crawly", "th
     """(where, a conversation dict or Rejected) for every conversation of one source file;
     `assistant`: the (name, maker) that replace other assistants' in `sharegpt` sources."""
     name = Path(path).name
-    if fmt == "sgd":
+    if fmt in ("sgd", "sharegpt"):  # one JSON list of dialogues
         try:
             with open(path, "rb") as f:
                 dialogues = json.loads(f.read().decode("utf-8"))
@@ -264,26 +264,11 @@ def read_source(fmt: str, path: str, assistant: tuple[str, str] = ("Crawly", "th
         if not isinstance(dialogues, list):
             yield name, Rejected("malformed")
             return
+        key = "dialogue_id" if fmt == "sgd" else "id"
         for i, d in enumerate(dialogues):
-            where = f"{name}#{d.get('dialogue_id', i) if isinstance(d, dict) else i}"
+            where = f"{name}#{d.get(key, i) if isinstance(d, dict) else i}"
             try:
-                yield where, from_sgd(d)
-            except Rejected as e:
-                yield where, e
-        return
-    if fmt == "sharegpt":
-        try:
-            rows = json.loads(Path(path).read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            yield name, Rejected("not_utf8")
-            return
-        except json.JSONDecodeError:
-            yield name, Rejected("invalid_json")
-            return
-        for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
-            where = f"{name}#{row.get('id', i) if isinstance(row, dict) else i}"
-            try:
-                yield where, from_sharegpt(row, *assistant)
+                yield where, from_sgd(d) if fmt == "sgd" else from_sharegpt(d, *assistant)
             except Rejected as e:
                 yield where, e
         return
