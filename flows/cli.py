@@ -395,19 +395,41 @@ def cmd_chat(lake: Lake, args) -> int:
     m = lake.resolve(args.model)
     if m.kind not in ("sft", "pretrain"):
         raise UsageError(f"--model must be an sft or pretrain version, not {m.ref}")
+    system_text = args.system
+    if system_text and system_text.startswith("@"):  # --system @FILE
+        try:
+            system_text = open(system_text[1:], encoding="utf-8").read().strip()
+        except OSError as e:
+            raise UsageError(f"--system {args.system}: cannot read it ({e.strerror})") from None
+    retriever = None
+    if args.context:
+        from tasks.index import Retriever
+
+        idx = lake.resolve(args.context)
+        if idx.kind != "index":
+            raise UsageError(f"--context must be an index version, not {idx.ref}")
+        retriever = Retriever(lake, idx)
     model, config, sp = load(lake.file_uri(m, "final"), fs=lake.fs)
     limit = model.config.seq_len - min(args.max_new_tokens, model.config.seq_len // 2)  # room for the reply
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = [{"role": "system", "content": system_text}] if system_text else []
     history: list[dict] = []
     seed = args.seed
+    found: list[dict] = []
 
     def reply(text: str, show: bool) -> tuple[str, int]:
-        nonlocal history, seed
+        nonlocal history, seed, found
+        # working memory: the corpus's passages for this question, between the system prompt and the turns
+        found = retriever.search(text, args.passages) if retriever else []
+        context = [{"role": "passage", "content": p["text"]} for p in found]
+        if show:
+            for p in found:
+                print(f"(context: {p['doc']}, score {p['score']})")
         try:
-            messages, dropped = fit_context(sp, [*system, *history, {"role": "user", "content": text}], limit)
+            messages, dropped = fit_context(sp, [*system, *context, *history, {"role": "user", "content": text}],
+                                            limit)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        history = messages[len(system):]
+        history = messages[len(system) + len(context):]
         pieces = []
         for piece in stream_text(sp, stream_reply(model, sp, messages, args.max_new_tokens, args.temperature,
                                                   args.top_k, args.top_p, seed)):
@@ -421,7 +443,9 @@ def cmd_chat(lake: Lake, args) -> int:
     if args.prompt is not None:
         text, dropped = reply(args.prompt, show=False)
         if args.json:
-            print(json.dumps({"model": m.ref, "reply": text, "dropped_messages": dropped}, ensure_ascii=False))
+            print(json.dumps({"model": m.ref, "reply": text, "dropped_messages": dropped,
+                              "context": [{k: p[k] for k in ("id", "doc", "score")} for p in found]},
+                             ensure_ascii=False))
         else:
             print(text)
         return 0
@@ -532,7 +556,11 @@ def build_parser() -> Parser:
 
     cht = sub.add_parser("chat", help="talk with a fine-tuned model (a terminal REPL, or one --prompt)")
     cht.add_argument("--model", default="sft@latest", help="sft (or pretrain) version (default: sft@latest)")
-    cht.add_argument("--system", default=None, help="a system prompt (who the assistant is, how it answers)")
+    cht.add_argument("--system", default=None, help="a system prompt (who the assistant is, how it answers); "
+                     "@FILE reads it from a file")
+    cht.add_argument("--context", default=None, metavar="INDEX", help="an index version (e.g. index@latest): "
+                     "the corpus passages most relevant to each message go in the context, their documents named")
+    cht.add_argument("--passages", type=int, default=2, help="with --context: passages per message (default 2)")
     cht.add_argument("--prompt", default=None, help="answer this one message and exit")
     cht.add_argument("--json", action="store_true", help="with --prompt: the reply as JSON")
     add_sampling_options(cht, max_new_tokens=128)

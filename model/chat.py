@@ -2,7 +2,11 @@
 mask of what the model learns to say), evaluation and `crawl2model chat` (nanochat's
 render_conversation, with the tokenizer's reserved tokens).
 
-    <|bos|> [<|system|> text <|end|>] <|user|> text <|end|> <|assistant|> text <|end|> ...
+    <|bos|> [<|system|> text <|end|>] [<|passage|> text <|end_passage|> ...] <|user|> text <|end|>
+    <|assistant|> text <|end|> ...
+
+A `passage` message is corpus text put in the context (working memory: `chat --context`, and
+the conversations that teach the model to use it); it is marked, never learned.
 
 The markers are sentencepiece control symbols (tasks/tokenizer.py reserves them at fixed ids):
 encoding plain text never produces one, so a message that contains the string "<|end|>" is
@@ -18,21 +22,23 @@ import torch
 
 ROLES = ("system", "user", "assistant")
 BOS, END = "<|bos|>", "<|end|>"
+PASSAGE, END_PASSAGE = "<|passage|>", "<|end_passage|>"
 
 
 def marker(role: str) -> str:
     return f"<|{role}|>"
 
 
+def _piece_id(sp, piece: str) -> int:
+    i = sp.piece_to_id(piece)
+    if i == sp.unk_id() or not sp.is_control(i):
+        raise ValueError(f"the tokenizer lacks the chat token {piece!r}")
+    return i
+
+
 def special_ids(sp) -> dict[str, int]:
     """The template's reserved tokens' ids in a sentencepiece model; an error if one is missing."""
-    ids = {}
-    for piece in (BOS, END, *(marker(r) for r in ROLES)):
-        i = sp.piece_to_id(piece)
-        if i == sp.unk_id() or not sp.is_control(i):
-            raise ValueError(f"the tokenizer lacks the chat token {piece!r}")
-        ids[piece] = i
-    return ids
+    return {piece: _piece_id(sp, piece) for piece in (BOS, END, *(marker(r) for r in ROLES))}
 
 
 def render_conversation(sp, messages: list[dict], max_tokens: int | None = None) -> tuple[list[int], list[int]]:
@@ -41,6 +47,10 @@ def render_conversation(sp, messages: list[dict], max_tokens: int | None = None)
     ids, mask = [tok[BOS]], [0]
     for m in messages:
         body = sp.encode(m["content"])
+        if m["role"] == "passage":
+            ids += [_piece_id(sp, PASSAGE), *body, _piece_id(sp, END_PASSAGE)]
+            mask += [0] * (len(body) + 2)
+            continue
         learn = int(m["role"] == "assistant")
         ids += [tok[marker(m["role"])], *body, tok[END]]
         mask += [0, *[learn] * len(body), learn]
@@ -121,11 +131,13 @@ class ConversationLoader:
 
 def fit_context(sp, messages: list[dict], limit: int) -> tuple[list[dict], int]:
     """The conversation cut to leave room for a reply within `limit` tokens: the system message
-    (if any) and the newest turns, the oldest dropped first, a user/assistant pair at a time;
+    and passages (if any) and the newest turns, the oldest dropped first, a user/assistant pair at a time;
     (the messages kept, how many were dropped). The last message, the user's, is always kept:
     a ValueError when it alone does not fit."""
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns, dropped = messages[len(system):], 0
+    lead = 0  # the system prompt and the passages stay; turns go
+    while lead < len(messages) and messages[lead]["role"] in ("system", "passage"):
+        lead += 1
+    system, turns, dropped = messages[:lead], messages[lead:], 0
     while len(render_for_reply(sp, system + turns)) > limit:
         if len(turns) <= 1:
             n = len(render_for_reply(sp, system + turns))

@@ -60,7 +60,7 @@ from tasks.stage import StageParams, input_ref, resolve_inputs, run_stage
 CODE_VERSION = "conversations/1"
 FORMATS = ("messages", "gsm8k", "sgd", "sharegpt")
 GENERATED_WITHOUT_FILES = {"arithmetic": 1000, "corpus_questions": 1000, "identity": 100}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "passage", "user", "assistant")  # passage: corpus text in the context (model/chat.py)
 
 
 class ConversationsError(StageError):
@@ -171,6 +171,10 @@ def check(conversation) -> list[dict]:
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if any(m["role"] == "system" for m in turns):
         raise Rejected("misplaced_system")
+    if any(m["role"] == "passage" and (i + 1 == len(turns) or turns[i + 1]["role"] not in ("passage", "user"))
+           for i, m in enumerate(turns)):
+        raise Rejected("misplaced_passage")  # a passage goes before the user's message it serves
+    turns = [m for m in turns if m["role"] != "passage"]
     if not turns or turns[-1]["role"] != "assistant":
         raise Rejected("does_not_end_with_assistant")
     if any(m["role"] != ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns)):
@@ -336,8 +340,9 @@ _TELL = ["What do you know about {topic}?", "Tell me about {topic}.", "Can you e
          "What can you tell me about {topic}?"]
 
 
-def _corpus_turns(text: str) -> Iterator[tuple[str, str, str]]:
-    """(key, question, answer) for each definitional sentence of a text."""
+def _corpus_turns(text: str) -> Iterator[tuple[str, str, str, str]]:
+    """(key, question, answer, passage) for each definitional sentence of a text; the passage is
+    the answer with the sentences around it (about 80 words), as retrieval would find it."""
     sentences = [" ".join(x.split()) for x in _SENTENCE_END.split(text)]
     for i, sent in enumerate(sentences):
         m = _DEFINITION.match(sent)
@@ -353,25 +358,36 @@ def _corpus_turns(text: str) -> Iterator[tuple[str, str, str]]:
             question = f"What {verb} {topic}?"
         else:
             question = _TELL[int(key[:8], 16) % len(_TELL)].format(topic=topic)
-        yield key, question, answer
+        lo, hi, left = i, i + 1, True  # grow the passage a sentence at a time, left and right in turn
+        while len(" ".join(sentences[lo:hi]).split()) < 80 and (lo > 0 or hi < len(sentences)):
+            if (left and lo > 0) or hi == len(sentences):
+                lo -= 1
+            else:
+                hi += 1
+            left = not left
+        yield key, question, answer, " ".join(sentences[lo:hi])
 
 
 def corpus_conversations(texts: Iterator[dict], n: int, seed: int) -> Iterator[tuple[str, dict]]:
     """`n` questions answered by the corpus's sentences, those whose seeded hash is smallest (a
-    bounded heap: memory holds `n`, whatever the corpus's size); a quarter go on to a second."""
+    bounded heap: memory holds `n`, whatever the corpus's size); half with the passage the answer
+    is in placed before the question (the model learns to use its working memory), a quarter of
+    the others go on to a second question."""
     heap: list = []
     for doc in texts:
-        for key, q, a in _corpus_turns(doc["text"]):
+        for key, q, a, passage in _corpus_turns(doc["text"]):
             rank = -int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
-            item = (rank, key, doc["id"], q, a)
+            item = (rank, key, doc["id"], q, a, passage)
             if len(heap) < n:
                 heapq.heappush(heap, item)
             elif item > heap[0]:
                 heapq.heapreplace(heap, item)
     chosen = sorted(heap, reverse=True)
-    for i, (_, _, doc_id, q, a) in enumerate(chosen):
+    for i, (_, _, doc_id, q, a, passage) in enumerate(chosen):
         messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        if i % 4 == 3 and i + 1 < len(chosen):  # a second turn: the next chosen question
+        if i % 2 == 0:
+            messages.insert(0, {"role": "passage", "content": passage})
+        elif i % 4 == 3 and i + 1 < len(chosen):  # a second turn: the next chosen question
             messages += [{"role": "user", "content": chosen[i + 1][3]}, {"role": "assistant", "content": chosen[i + 1][4]}]
         yield f"corpus:{doc_id}", {"messages": messages}
 

@@ -19,7 +19,8 @@ from typing import Callable, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from tasks import conversations, dedup, download, filter as filter_, ingest, pretrain, probe, sft, shard, tokenizer
+from tasks import (conversations, dedup, download, filter as filter_, index, ingest, pretrain, probe, sft, shard,
+                   tokenizer)
 from tasks.lake import Lake, Manifest
 from tasks.stage import StageParams, Strict, input_kinds
 
@@ -91,6 +92,8 @@ for _stage in [
           "for post-training"),
     Stage("sft", sft.SftParams, sft.sft, sft.summary,
           "a model fine-tuned on conversations (the assistant's replies), with torchrun", pool="gpu"),
+    Stage("index", index.IndexParams, index.build_index, index.summary,
+          "a BM25 text index of the corpus, for chat --context", in_pipeline=False),
     Stage("probe", probe.ProbeParams, probe.probe, probe.summary,
           "questions a chat model can and cannot know: does it say it is not sure? (examples for the next sft)",
           pool="gpu", in_pipeline=False),

@@ -10,12 +10,13 @@ tokenizer) like a pretrain version's, so an `sft` version can be fine-tuned agai
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Callable, ClassVar
 
 from pydantic import Field, create_model
 
 from model.config import TrainConfig
-from tasks.conversations import ConversationsParams
+from tasks.conversations import ConversationsParams, read_conversations
 from tasks.lake import Lake, Manifest, Production
 from tasks.pretrain import TRAIN_FIELDS, launch_training, pydantic_fields, record_training
 from tasks.report import runtime
@@ -69,6 +70,9 @@ def sft(lake: Lake, params: SftParams, log: Callable[[str], None] = print) -> Ma
             prod.metrics["identity"] = measure_identity(lake, prod, base, *(assistant or (
                 ConversationsParams.model_fields["assistant_name"].default,
                 ConversationsParams.model_fields["assistant_maker"].default)), log=log)
+        held = [c for c in read_conversations(lake, conversations, "val") if c[0]["role"] == "passage"]
+        if held:
+            prod.metrics["context"] = measure_context(lake, prod, base, held, log)
         probes = [lake.resolve(ref) for ref in conversations.inputs if ref.startswith("probe@")]
         if probes:
             prod.metrics["uncertainty"] = measure_uncertainty(lake, prod, probes[0], log)
@@ -102,6 +106,59 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
         out.append({"user": conv[first]["content"], "assistant": reply,
                     "reference": conv[first + 1]["content"] if first + 1 < len(conv) else None})
     return out
+
+
+_STOP = set("about above after again also because been before being below between both could does doing during "
+             "each from further have having into itself more most other over same should some such than that their "
+             "them then there these they this those through under until very what when where which while with "
+             "would your tell know explain".split())
+
+
+def key_words(answer: str, question: str) -> set[str]:
+    """The words of an answer's first sentence a reply should repeat: 4+ letters, not in the
+    question, not common."""
+    first = answer.split(". ")[0].lower()
+    asked = set(re.findall(r"[a-z]+", question.lower()))
+    return {w for w in re.findall(r"[a-z]{4,}", first) if w not in asked and w not in _STOP}
+
+
+def measure_context(lake: Lake, prod: Production, base: Manifest, held: list[list[dict]],
+                    log: Callable[[str], None]) -> dict:
+    """Held-out questions whose answer is in a passage of the corpus (the conversations' val split),
+    asked greedily with the passage in the context and without, of the base model (before) and the
+    fine-tuned one (after): the share of replies with at least half of the answer's key words."""
+    import json
+
+    from model.chat import stream_reply, stream_text
+    from model.sample import load
+
+    result, rows = {"questions": len(held)}, []
+    for when, uri in (("before", lake.file_uri(base, "final")), ("after", prod.uri("final"))):
+        model, _, sp = load(uri, device="cpu", fs=lake.fs)
+        rates = {}
+        for mode in ("with_passage", "without_passage"):
+            right = 0
+            for conv in held:
+                passage, question, answer = conv[0], conv[1], conv[2]["content"]
+                messages = [passage, question] if mode == "with_passage" else [question]
+                reply = "".join(stream_text(sp, stream_reply(model, sp, messages, 48, 0.0, None, None, 0)))
+                words = key_words(answer, question["content"])
+                hit = bool(words) and sum(w in reply.lower() for w in words) * 2 >= len(words)
+                right += hit
+                if when == "after":
+                    rows.append({"mode": mode, "question": question["content"], "reply": reply,
+                                 "key_words": sorted(words), "right": hit})
+            rates[mode] = round(right / len(held), 4)
+        result[when] = rates
+    with prod.open("context.jsonl") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    runtime().table("working-memory", [{"measured": f"{w} ({base.ref if w == 'before' else prod.ref})", **result[w]}
+                                       for w in ("before", "after")],
+                    f"{prod.ref}: held-out corpus questions answered with the passage's key words")
+    log(f"sft: answered with the key words, with the passage {result['before']['with_passage']:.0%} -> "
+        f"{result['after']['with_passage']:.0%}, without {result['before']['without_passage']:.0%} -> "
+        f"{result['after']['without_passage']:.0%} ({len(held)} held-out questions)")
+    return result
 
 
 def measure_identity(lake: Lake, prod: Production, base: Manifest, name: str, maker: str,

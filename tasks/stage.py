@@ -91,6 +91,23 @@ def lineage_markdown(lake: Lake, m: Manifest) -> str:
     return "\n".join(lines)
 
 
+def local_file(lake: Lake, m: Manifest, name: str) -> str:
+    """A local path to one file of a version: in the lake itself when it is a folder, else a copy
+    in the cache keyed by the file's content (downloaded once, checked by its sha256)."""
+    if lake.is_local:
+        return lake.path(m.kind, m.version, name)
+    from tasks.ingest import sha256_file
+
+    want = next(f["sha256"] for f in m.files if f["path"] == name)
+    path = os.path.join(cache_dir("files", want), os.path.basename(name))
+    if not os.path.exists(path) or sha256_file(path) != want:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with lake.open(m, name) as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+        os.replace(tmp, path)
+    return path
+
+
 def cache_dir(*parts: str) -> str:
     """A folder of this machine's local cache ($CRAWL2MODEL_CACHE, default under $TMPDIR):
     things worth keeping between runs that are not artifacts (the URL blocklist array, partial

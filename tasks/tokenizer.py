@@ -21,7 +21,7 @@ from pydantic import Field
 from tasks.errors import StageError
 from tasks.lake import Lake, LakeError, Manifest, Production
 from tasks.report import runtime
-from tasks.stage import StageParams, cache_dir, document_files, input_ref, resolve_inputs, run_stage
+from tasks.stage import StageParams, document_files, input_ref, local_file, resolve_inputs, run_stage
 
 CODE_VERSION = "tokenizer/3"  # 3: the passage markers and spare tokens reserved
 # <|bos|> starts every document and conversation; <|system|>/<|user|>/<|assistant|> ... <|end|> mark
@@ -319,18 +319,7 @@ def tokenizer_path(lake: Lake, ref: str) -> str:
     m = lake.resolve(ref)
     if m.kind != "tokenizer":
         raise LakeError(f"{m.ref} is not a tokenizer")
-    if lake.is_local:
-        return lake.path(m.kind, m.version, "tokenizer.model")
-    from tasks.ingest import sha256_file
-
-    want = next(f["sha256"] for f in m.files if f["path"] == "tokenizer.model")
-    path = os.path.join(cache_dir("tokenizer", want), "tokenizer.model")  # keyed by content
-    if not os.path.exists(path) or sha256_file(path) != want:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with lake.open(m, "tokenizer.model") as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
-        os.replace(tmp, path)
-    return path
+    return local_file(lake, m, "tokenizer.model")
 
 
 def summary(x: dict) -> str:

@@ -233,9 +233,20 @@ def test_generated_conversations_are_right_and_come_from_the_corpus(demo_local_r
     for conv in by["corpus"]:
         for reply in (t["content"] for t in conv if t["role"] == "assistant"):
             assert reply in corpus_text, reply
-    lakehouse = [c for c in by["corpus"] if c[0]["content"] == "What is a lakehouse?"]
+    lakehouse = [[t for t in c if t["role"] != "passage"] for c in by["corpus"]
+                 if any(t["content"] == "What is a lakehouse?" for t in c)]
     assert lakehouse and lakehouse[0][1]["content"] == ("A lakehouse is a data platform that keeps its tables in "
                                                         "object storage. It was named after the lake.")
+    # half carry the passage their answer is in, before the question (working memory)
+    with_passage = [c for c in by["corpus"] if c[0]["role"] == "passage"]
+    assert abs(len(with_passage) - len(by["corpus"]) / 2) <= 1
+    for c in with_passage:
+        assert c[1]["role"] == "user" and c[2]["content"].split(". ")[0] in c[0]["content"]
+        assert c[0]["content"] in corpus_text and len(c[0]["content"].split()) >= 6
+    from tasks.conversations import Rejected, check
+    with pytest.raises(Rejected, match="misplaced_passage"):
+        check({"messages": [{"role": "user", "content": "q"}, {"role": "passage", "content": "p"},
+                            {"role": "assistant", "content": "a"}]})
 
     # identity: a third with no system prompt (the trained-in name and maker), a third under the
     # prompt that says so, a third under another identity's prompt: every reply names its prompt's

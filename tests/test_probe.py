@@ -63,15 +63,15 @@ def test_probe_then_a_second_sft_round_measures_before_and_after(demo_local_run,
     qfile = tmp_path / "selfaware.json"
     qfile.write_text(json.dumps({"example": [
         {"question_id": i, "question": q["question"], "answer": q["reference"], "answerable": q["answerable"]}
-        for i, q in enumerate(questions(shared_data, 16))]}))
-    params = ProbeParams(model=base, files=[f"selfaware:{qfile}"], made_up=16, samples=2, max_new_tokens=12,
+        for i, q in enumerate(questions(shared_data, 10))]}))
+    params = ProbeParams(model=base, files=[f"selfaware:{qfile}"], made_up=10, samples=2, max_new_tokens=10,
                          heldout_fraction=0.3)
     p = probe(lake, params, log=lambda s: None)
     x = p.metrics
-    assert p.inputs == [base] and x["questions"] == 48 and x["model"] == base
+    assert p.inputs == [base] and x["questions"] == 30 and x["model"] == base
     held = [json.loads(line) for line in lake.open(p, "heldout.jsonl").read().decode().splitlines()]
     train = [json.loads(line) for line in lake.open(p, "train.jsonl").read().decode().splitlines()]
-    assert len(held) + len(train) == 48 and held and not {q["question"] for q in held} & {q["question"] for q in train}
+    assert len(held) + len(train) == 30 and held and not {q["question"] for q in held} & {q["question"] for q in train}
     assert x["heldout"] == rates(held) and all(len(r["replies"]) == 2 for r in held + train)
     assert x["examples"] == len(list(examples(train)))
     assert probe(lake, params, log=lambda s: None).ref == p.ref  # a cache hit

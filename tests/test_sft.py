@@ -212,3 +212,31 @@ def test_the_pipelines_sft_measures_identity_before_and_after(demo_local_run):
     assert ident["after"]["without_system"] == round(sum(r["right"] for r in rows[:n]) / n, 4)
     assert ident["after"]["with_system"] == round(sum(r["right"] for r in rows[n:]) / (len(rows) - n), 4)
     assert {r["system"] for r in rows[n:]} == {f"You are {a}, an assistant made by {b}." for a, b in HELDOUT_PERSONAS}
+
+
+def test_the_pipelines_sft_measures_working_memory_when_it_has_passage_questions(demo_local_run):
+    """Held-out corpus questions with their passage (the conversations' val split): asked with and
+    without the passage, before and after; the rates are those of the replies kept."""
+    from tasks.conversations import read_conversations
+    from tasks.sft import key_words
+
+    lake = Lake(demo_local_run[0])
+    m = lake.resolve("sft")
+    convs = lake.resolve(next(r for r in m.inputs if r.startswith("conversations@")))
+    held = [c for c in read_conversations(lake, convs, "val") if c[0]["role"] == "passage"]
+    if not held:
+        assert "context" not in m.metrics
+        return
+    x = m.metrics["context"]
+    assert x["questions"] == len(held) and set(x["before"]) == set(x["after"]) == {"with_passage", "without_passage"}
+    with lake.open(m, "context.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 2 * len(held)
+    for r in rows:
+        words = set(r["key_words"])
+        assert r["right"] == (bool(words) and sum(w in r["reply"].lower() for w in words) * 2 >= len(words))
+    for mode in ("with_passage", "without_passage"):
+        mine = [r["right"] for r in rows if r["mode"] == mode]
+        assert x["after"][mode] == round(sum(mine) / len(mine), 4)
+    assert key_words("A ledger is a book of accounts kept by wardens. More.", "What is a ledger?") == \
+        {"book", "accounts", "kept", "wardens"}
