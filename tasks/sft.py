@@ -122,13 +122,23 @@ def key_words(answer: str, question: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]{4,}", first) if w not in asked and w not in _STOP}
 
 
+def record_before_after(prod: Production, base: Manifest, result: dict, name: str, rows: list[dict], table: str,
+                        what: str) -> None:
+    """A measurement's replies (of the fine-tuned model) as JSON lines in the version, and its
+    before/after rates as a Prefect table artifact."""
+    import json
+
+    with prod.open(name) as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    runtime().table(table, [{"measured": f"{w} ({base.ref if w == 'before' else prod.ref})", **result[w]}
+                            for w in ("before", "after")], f"{prod.ref}: {what}")
+
+
 def measure_context(lake: Lake, prod: Production, base: Manifest, held: list[list[dict]],
                     log: Callable[[str], None]) -> dict:
     """Held-out questions whose answer is in a passage of the corpus (the conversations' val split),
     asked greedily with the passage in the context and without, of the base model (before) and the
     fine-tuned one (after): the share of replies with at least half of the answer's key words."""
-    import json
-
     from model.chat import stream_reply, stream_text
     from model.sample import load
 
@@ -150,11 +160,8 @@ def measure_context(lake: Lake, prod: Production, base: Manifest, held: list[lis
                                  "key_words": sorted(words), "right": hit})
             rates[mode] = round(right / len(held), 4)
         result[when] = rates
-    with prod.open("context.jsonl") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
-    runtime().table("working-memory", [{"measured": f"{w} ({base.ref if w == 'before' else prod.ref})", **result[w]}
-                                       for w in ("before", "after")],
-                    f"{prod.ref}: held-out corpus questions answered with the passage's key words")
+    record_before_after(prod, base, result, "context.jsonl", rows, "working-memory",
+                        "held-out corpus questions answered with the passage's key words")
     log(f"sft: answered with the key words, with the passage {result['before']['with_passage']:.0%} -> "
         f"{result['after']['with_passage']:.0%}, without {result['before']['without_passage']:.0%} -> "
         f"{result['after']['without_passage']:.0%} ({len(held)} held-out questions)")
@@ -166,8 +173,6 @@ def measure_identity(lake: Lake, prod: Production, base: Manifest, name: str, ma
     """Held-out identity questions (tasks/conversations.py: identity_rates), greedy, of the base
     model (before) and the fine-tuned one (after): answered with the trained-in name and maker
     without a system prompt, and with a held-out persona's under its system prompt."""
-    import json
-
     from model.chat import stream_reply, stream_text
     from model.sample import load
     from tasks.conversations import identity_rates
@@ -178,12 +183,8 @@ def measure_identity(lake: Lake, prod: Production, base: Manifest, name: str, ma
         rates = identity_rates(lambda messages: "".join(stream_text(sp, stream_reply(
             model, sp, messages, 32, 0.0, None, None, 0))), name, maker)
         result[when] = {k: v for k, v in rates.items() if k != "replies"}
-        if when == "after":
-            with prod.open("identity.jsonl") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rates["replies"]).encode())
-    runtime().table("identity", [{"measured": f"{w} ({base.ref if w == 'before' else prod.ref})", **result[w]}
-                                 for w in ("before", "after")],
-                    f"{prod.ref}: held-out identity questions answered with the right name or maker")
+    record_before_after(prod, base, result, "identity.jsonl", rates["replies"], "identity",
+                        "held-out identity questions answered with the right name or maker")
     log(f"sft: identity without a system prompt {result['before']['without_system']:.0%} -> "
         f"{result['after']['without_system']:.0%}, with a held-out one {result['before']['with_system']:.0%} -> "
         f"{result['after']['with_system']:.0%}")
