@@ -198,6 +198,7 @@ def compile_xpath(path: str) -> Callable | None:
             def by_tag(el, _tag=tag):
                 return list(_root(el).iterdescendants(_tag))
 
+            by_tag.path = path  # like select's: what it stands for, for whoever reads the lists
             return by_tag
         if not path.startswith(".//*["):
             return None
