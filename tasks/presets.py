@@ -59,5 +59,5 @@ def demo_params(mirror_url: str, text_ref: str) -> dict:
             "pretrain": changed("pretrain", max_steps=400, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=100,
                                 eval_steps=8, sample_every=0, checkpoint_every=200),
             "conversations": changed("conversations", extra=[text_ref]),
-            "sft": changed("sft", max_steps=300, batch_size=8, seq_len=256, lr=3e-3, eval_every=100,
-                           checkpoint_every=150)}
+            "sft": changed("sft", max_steps=220, batch_size=8, seq_len=256, lr=3e-3, eval_every=110,
+                           checkpoint_every=110)}
