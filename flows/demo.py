@@ -75,10 +75,11 @@ def training_words(lake: Lake, shard_ref: str) -> set[str]:
 
     import pyarrow.parquet as pq
 
+    from tasks.stage import local_file
     from tasks.tokenizer import load
 
     m = lake.resolve(shard_ref)
-    sp = load(lake.path(m.kind, m.version, "tokenizer.model"))
+    sp = load(local_file(lake, m, "tokenizer.model"))
     meta = json.loads(lake.open(m, "meta.json").read())
     words: set[str] = set()
     for f in meta["splits"]["train"]["files"]:
@@ -101,14 +102,14 @@ def word_share(texts: list[str], vocabulary: set[str]) -> float:
 def two_turns(model_dir: str, questions: list[str], max_new_tokens: int = 60) -> list[tuple[str, str]]:
     """A conversation with a fine-tuned model: each question asked after the earlier turns, the
     replies greedy (the likeliest token each time: a tiny model's best, and the same every run)."""
-    from model.chat import stream_reply, stream_text
+    from model.chat import reply_text
     from model.sample import load
 
     model, _, sp = load(model_dir)
     messages, out = [], []
     for i, q in enumerate(questions):
         messages.append({"role": "user", "content": q})
-        reply = "".join(stream_text(sp, stream_reply(model, sp, messages, max_new_tokens, 0.0, None, None, i)))
+        reply = reply_text(model, sp, messages, max_new_tokens, 0.0, None, None, i)
         messages.append({"role": "assistant", "content": reply})
         out.append((q, reply))
     return out

@@ -187,3 +187,9 @@ def stream_text(sp, tokens: Iterator[int]) -> Iterator[str]:
     text = sp.decode(ids)
     if len(text) > len(shown):
         yield text[len(shown):]
+
+
+def reply_text(model, sp, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.8,
+               top_k: int | None = 50, top_p: float | None = None, seed: int | None = None) -> str:
+    """The assistant's whole reply to `messages`, decoded (`stream_reply` for those who need not stream)."""
+    return "".join(stream_text(sp, stream_reply(model, sp, messages, max_new_tokens, temperature, top_k, top_p, seed)))

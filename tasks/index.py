@@ -114,18 +114,9 @@ class Retriever:
     def __init__(self, lake: Lake, m: Manifest):
         import bm25s
 
-        if lake.is_local:
-            folder = lake.path(m.kind, m.version, "bm25")
-        else:  # bm25s loads a folder: the index's files copied together (a version never changes)
-            folder = cache_dir("index", m.version)
-            for f in m.files:
-                if f["path"].startswith("bm25/") and not os.path.exists(os.path.join(folder, f["path"][5:])):
-                    with lake.open(m, f["path"]) as src:
-                        data = src.read()
-                    with open(os.path.join(folder, f"{f['path'][5:]}.tmp"), "wb") as dst:
-                        dst.write(data)
-                    os.replace(os.path.join(folder, f"{f['path'][5:]}.tmp"), os.path.join(folder, f["path"][5:]))
-        self.bm25 = bm25s.BM25.load(folder)
+        together = None if lake.is_local else cache_dir("index", m.version)  # bm25s loads one folder
+        paths = [local_file(lake, m, f["path"], together) for f in m.files if f["path"].startswith("bm25/")]
+        self.bm25 = bm25s.BM25.load(os.path.dirname(paths[0]))
         with open(local_file(lake, m, "passages.jsonl"), encoding="utf-8") as f:
             self.rows = [json.loads(line) for line in f]
 

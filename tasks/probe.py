@@ -173,13 +173,12 @@ def rates(results: list[dict]) -> dict:
 
 def model_asker(model, sp, params) -> Callable[[str, int], str]:
     """`ask` for a loaded chat model: its reply through the chat template, seeded per question and sample."""
-    from model.chat import stream_reply, stream_text
+    from model.chat import reply_text
 
     def ask(question: str, k: int) -> str:
         seed = int.from_bytes(hashlib.sha256(f"{params.seed}:{k}:{question}".encode()).digest()[:4], "little")
-        tokens = stream_reply(model, sp, [{"role": "user", "content": question}], params.max_new_tokens,
-                              params.temperature, params.top_k or None, None, seed)
-        return "".join(stream_text(sp, tokens))
+        return reply_text(model, sp, [{"role": "user", "content": question}], params.max_new_tokens,
+                          params.temperature, params.top_k or None, None, seed)
     return ask
 
 

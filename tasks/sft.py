@@ -86,7 +86,7 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
     """The fine-tuned model's replies to the first user message of `count` held-out conversations
     (the training ones when none is held out), beside the reference reply: seeded, so the same
     version shows the same dialogues."""
-    from model.chat import fit_context, stream_reply, stream_text
+    from model.chat import fit_context, reply_text
     from model.sample import load
     from tasks.conversations import read_conversations
 
@@ -101,8 +101,8 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
             messages, _ = fit_context(sp, conv[:first + 1], limit)
         except ValueError:
             continue  # a question that leaves no room for a reply in the context: not shown
-        reply = "".join(stream_text(sp, stream_reply(model, sp, messages, params.sample_tokens, params.temperature,
-                                                     params.top_k, None, params.seed + i)))
+        reply = reply_text(model, sp, messages, params.sample_tokens, params.temperature, params.top_k, None,
+                           params.seed + i)
         out.append({"user": conv[first]["content"], "assistant": reply,
                     "reference": conv[first + 1]["content"] if first + 1 < len(conv) else None})
     return out
@@ -139,7 +139,7 @@ def measure_context(lake: Lake, prod: Production, base: Manifest, held: list[lis
     """Held-out questions whose answer is in a passage of the corpus (the conversations' val split),
     asked greedily with the passage in the context and without, of the base model (before) and the
     fine-tuned one (after): the share of replies with at least half of the answer's key words."""
-    from model.chat import stream_reply, stream_text
+    from model.chat import reply_text
     from model.sample import load
 
     result, rows = {"questions": len(held)}, []
@@ -151,7 +151,7 @@ def measure_context(lake: Lake, prod: Production, base: Manifest, held: list[lis
             for conv in held:
                 passage, question, answer = conv[0], conv[1], conv[2]["content"]
                 messages = [passage, question] if mode == "with_passage" else [question]
-                reply = "".join(stream_text(sp, stream_reply(model, sp, messages, 48, 0.0, None, None, 0)))
+                reply = reply_text(model, sp, messages, 48, 0.0, None, None, 0)
                 words = key_words(answer, question["content"])
                 hit = bool(words) and sum(w in reply.lower() for w in words) * 2 >= len(words)
                 right += hit
@@ -173,15 +173,14 @@ def measure_identity(lake: Lake, prod: Production, base: Manifest, name: str, ma
     """Held-out identity questions (tasks/conversations.py: identity_rates), greedy, of the base
     model (before) and the fine-tuned one (after): answered with the trained-in name and maker
     without a system prompt, and with a held-out persona's under its system prompt."""
-    from model.chat import stream_reply, stream_text
+    from model.chat import reply_text
     from model.sample import load
     from tasks.conversations import identity_rates
 
     result = {"name": name, "maker": maker}
     for when, uri in (("before", lake.file_uri(base, "final")), ("after", prod.uri("final"))):
         model, _, sp = load(uri, device="cpu", fs=lake.fs)
-        rates = identity_rates(lambda messages: "".join(stream_text(sp, stream_reply(
-            model, sp, messages, 32, 0.0, None, None, 0))), name, maker)
+        rates = identity_rates(lambda messages: reply_text(model, sp, messages, 32, 0.0, None, None, 0), name, maker)
         result[when] = {k: v for k, v in rates.items() if k != "replies"}
     record_before_after(prod, base, result, "identity.jsonl", rates["replies"], "identity",
                         "held-out identity questions answered with the right name or maker")

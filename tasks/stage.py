@@ -91,15 +91,16 @@ def lineage_markdown(lake: Lake, m: Manifest) -> str:
     return "\n".join(lines)
 
 
-def local_file(lake: Lake, m: Manifest, name: str) -> str:
+def local_file(lake: Lake, m: Manifest, name: str, folder: str | None = None) -> str:
     """A local path to one file of a version: in the lake itself when it is a folder, else a copy
-    in the cache keyed by the file's content (downloaded once, checked by its sha256)."""
+    in the cache (downloaded once, checked by its sha256), in a folder keyed by the file's content
+    or in `folder` (files a library loads together)."""
     if lake.is_local:
         return lake.path(m.kind, m.version, name)
     from tasks.ingest import sha256_file
 
     want = next(f["sha256"] for f in m.files if f["path"] == name)
-    path = os.path.join(cache_dir("files", want), os.path.basename(name))
+    path = os.path.join(folder or cache_dir("files", want), os.path.basename(name))
     if not os.path.exists(path) or sha256_file(path) != want:
         tmp = f"{path}.{os.getpid()}.tmp"
         with lake.open(m, name) as src, open(tmp, "wb") as dst:
