@@ -389,13 +389,14 @@ def cmd_sample(lake: Lake, args) -> int:
 
 def cmd_chat(lake: Lake, args) -> int:
     """`chat`: talk with an sft (or pretrain) version in the terminal, or answer one --prompt."""
-    from model.chat import fit_context, stream_reply, stream_text
+    from model.chat import fit_context, stream_reply, stream_text, system_messages
     from model.sample import load
 
     m = lake.resolve(args.model)
     if m.kind not in ("sft", "pretrain"):
         raise UsageError(f"--model must be an sft or pretrain version, not {m.ref}")
-    system_text = args.system
+    # the version's deployed system prompt (sft --system) unless --system gives another ('' for none)
+    system_text = m.params.get("system", "") if args.system is None else args.system
     if system_text and system_text.startswith("@"):  # --system @FILE
         try:
             system_text = open(system_text[1:], encoding="utf-8").read().strip()
@@ -411,7 +412,7 @@ def cmd_chat(lake: Lake, args) -> int:
         retriever = Retriever(lake, idx)
     model, config, sp = load(lake.file_uri(m, "final"), fs=lake.fs)
     limit = model.config.seq_len - min(args.max_new_tokens, model.config.seq_len // 2)  # room for the reply
-    system = [{"role": "system", "content": system_text}] if system_text else []
+    system = system_messages(system_text)
     history: list[dict] = []
     seed = args.seed
     found: list[dict] = []
@@ -443,13 +444,15 @@ def cmd_chat(lake: Lake, args) -> int:
     if args.prompt is not None:
         text, dropped = reply(args.prompt, show=False)
         if args.json:
-            print(json.dumps({"model": m.ref, "reply": text, "dropped_messages": dropped,
+            print(json.dumps({"model": m.ref, "system": system_text, "reply": text, "dropped_messages": dropped,
                               "context": [{k: p[k] for k in ("id", "doc", "score")} for p in found]},
                              ensure_ascii=False))
         else:
             print(text)
         return 0
     print(f"chatting with {m.ref} ({model.config.seq_len}-token context); /reset starts over, /quit ends")
+    if system_text:
+        print(f"(system prompt: {system_text if len(system_text) <= 80 else system_text[:77] + '...'})")
     while True:
         try:
             text = input("you> ")

@@ -41,6 +41,11 @@ def special_ids(sp) -> dict[str, int]:
     return {piece: _piece_id(sp, piece) for piece in (BOS, END, *(marker(r) for r in ROLES))}
 
 
+def system_messages(text: str | None) -> list[dict]:
+    """The conversation's opening: a system message when there is a prompt, none when it is empty."""
+    return [{"role": "system", "content": text}] if text else []
+
+
 def render_conversation(sp, messages: list[dict], max_tokens: int | None = None) -> tuple[list[int], list[int]]:
     """(ids, mask) of a whole conversation; cut to `max_tokens` when given."""
     tok = special_ids(sp)

@@ -453,10 +453,12 @@ def identity_rates(reply: Callable[[list[dict]], str], name: str, maker: str) ->
     """The share of the held-out identity questions (`IDENTITY_QUESTIONS`) answered with the right
     name or maker: without a system prompt (the trained-in identity, `name`/`maker`) and under the
     system prompt of each held-out persona (its own). `reply(messages)` is the model's answer."""
+    from model.chat import system_messages
+
     def share(system: str | None, who: tuple[str, str]) -> tuple[float, list[dict]]:
         rows = []
         for q, wants in IDENTITY_QUESTIONS:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+            messages = [*system_messages(system), {"role": "user", "content": q}]
             answer = reply(messages)
             expected = who[0] if wants == "name" else who[1]
             rows.append({"system": system, "question": q, "reply": answer, "expected": expected,

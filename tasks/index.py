@@ -37,6 +37,10 @@ class IndexParams(StageParams):
     input: str = input_ref("dedup", "filter")
     extra: list[str] = input_ref("ingest", many=True, description="ingest refs of extra text to index too")
     passage_words: int = Field(120, ge=16, le=2000, description="about this many words a passage")
+    eval_questions: int = Field(200, ge=0, le=100_000, description="questions made from the corpus's definitional "
+                                "sentences (as conversations makes them) to measure retrieval: is the answer's "
+                                "document among the top passages?")
+    eval_k: int = Field(5, ge=1, le=100, description="recall@k of the measurement (and recall@1)")
 
     def recipe(self) -> dict:
         return self.model_dump(mode="json", exclude={"input", "extra", "rebuild"})
@@ -102,10 +106,34 @@ def build_index(lake: Lake, params: IndexParams, log: Callable[[str], None] = pr
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         prod.metrics.update({"documents": len(docs), "passages": len(rows),
                              "words": sum(len(r["text"].split()) for r in rows)})
+        if params.eval_questions:
+            prod.metrics["retrieval"] = measure_retrieval(retriever, rows, docs, params, prod.ref)
         log(f"index: {summary(prod.metrics)}")
 
     return run_stage(lake, "index", params.recipe(), [source.ref, *(e.ref for e in extras)], CODE_VERSION, build,
                      rebuild=params.rebuild)
+
+
+def measure_retrieval(bm25, rows: list[dict], docs: list[dict], params: IndexParams, ref: str) -> dict:
+    """Questions whose answer is a sentence of the corpus (tasks/conversations.py makes its corpus
+    questions the same way), searched in the index: the share whose answer's document is the top
+    passage's (recall@1) or among the top `eval_k` passages' (recall@k), as a Prefect table."""
+    from tasks.conversations import corpus_conversations
+    from tasks.report import runtime
+
+    asked = [(source.split(":", 1)[1], next(m["content"] for m in c["messages"] if m["role"] == "user"))
+             for source, c in corpus_conversations(iter(docs), params.eval_questions, seed=0)]
+    if not asked:
+        return {"questions": 0}
+    k = min(params.eval_k, len(rows))
+    found, _ = bm25.retrieve(tokens([q for _, q in asked]), k=k, show_progress=False)
+    ranks = [next((r for r, i in enumerate(top) if rows[int(i)]["doc"] == doc), None) for (doc, _), top in zip(asked, found)]
+    result = {"questions": len(asked), "k": k, "recall_at_1": round(sum(r == 0 for r in ranks) / len(asked), 4),
+              "recall_at_k": round(sum(r is not None for r in ranks) / len(asked), 4)}
+    runtime().table("retrieval", [{"questions": len(asked), "recall@1": result["recall_at_1"],
+                                   f"recall@{k}": result["recall_at_k"]}],
+                    f"{ref}: is the answer's document among the passages retrieved for a corpus question?")
+    return result
 
 
 class Retriever:
@@ -129,4 +157,7 @@ class Retriever:
 
 
 def summary(x: dict) -> str:
-    return f"{x['passages']:,} passages of {x['documents']:,} documents ({x['words']:,} words)"
+    r = x.get("retrieval") or {}
+    found = (f"; recall@1 {r['recall_at_1']:.0%}, recall@{r['k']} {r['recall_at_k']:.0%} on {r['questions']} corpus "
+             "questions" if r.get("questions") else "")
+    return f"{x['passages']:,} passages of {x['documents']:,} documents ({x['words']:,} words){found}"

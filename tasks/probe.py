@@ -64,6 +64,8 @@ class ProbeParams(StageParams):
     heldout_fraction: float = Field(0.25, gt=0, lt=1, description="questions kept out of the examples, for "
                                     "measuring before and after")
     seed: int = Field(0, ge=0, description="seed of the generated questions and of the sampling")
+    system: str = Field("", max_length=8000, description="the system prompt the model is deployed with: the "
+                        "questions are asked under it and the examples carry it")
 
     @field_validator("files")
     @classmethod
@@ -173,26 +175,30 @@ def rates(results: list[dict]) -> dict:
 
 def model_asker(model, sp, params) -> Callable[[str, int], str]:
     """`ask` for a loaded chat model: its reply through the chat template, seeded per question and sample."""
-    from model.chat import reply_text
+    from model.chat import reply_text, system_messages
+
+    system = system_messages(getattr(params, "system", ""))  # a version probed before `system` existed: none
 
     def ask(question: str, k: int) -> str:
         seed = int.from_bytes(hashlib.sha256(f"{params.seed}:{k}:{question}".encode()).digest()[:4], "little")
-        return reply_text(model, sp, [{"role": "user", "content": question}], params.max_new_tokens,
+        return reply_text(model, sp, [*system, {"role": "user", "content": question}], params.max_new_tokens,
                           params.temperature, params.top_k or None, None, seed)
     return ask
 
 
-def examples(results: list[dict]) -> Iterator[dict]:
+def examples(results: list[dict], system: str = "") -> Iterator[dict]:
     """What the next SFT round learns: "not sure" where it answered an unknown question, the
-    reference answer for a known one."""
+    reference answer for a known one; under the system prompt the questions were asked under."""
+    from model.chat import system_messages
+
     for r in results:
         if not r["answerable"]:
             if r["verdict"] == "answered":
-                yield {"messages": [{"role": "user", "content": r["question"]},
+                yield {"messages": [*system_messages(system), {"role": "user", "content": r["question"]},
                                     {"role": "assistant", "content": NOT_SURE}], "source": f"probe:{r['id']}"}
         elif r.get("reference"):
             answer = r.get("worked") or f"{r['reference'][0].strip().rstrip('.')}."
-            yield {"messages": [{"role": "user", "content": r["question"]},
+            yield {"messages": [*system_messages(system), {"role": "user", "content": r["question"]},
                                 {"role": "assistant", "content": answer}], "source": f"probe:{r['id']}"}
 
 
@@ -216,7 +222,7 @@ def probe(lake: Lake, params: ProbeParams, log: Callable[[str], None] = print) -
         for split, rs in results.items():
             with prod.open(f"{split}.jsonl") as f:
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs).encode())
-        made = list(examples(results["train"]))
+        made = list(examples(results["train"], params.system))
         with prod.open("examples.jsonl") as f:
             f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in made).encode())
         prod.metrics.update({"model": model_m.ref, "questions": len(questions), "samples": params.samples,

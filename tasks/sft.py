@@ -40,6 +40,9 @@ class SftParams(create_model("_SftSettings", __base__=_Inputs, __module__=__name
     model/config.py's TrainConfig but `preset` (the shape is the base model's; they make the
     version), and the processes to launch (not part of the version)."""
 
+    system: str = Field("", max_length=8000, description="the system prompt the model is deployed with: `chat` "
+                        "uses it unless --system gives another and the sample dialogues are held under it (part of "
+                        "the version: a model and how it is deployed)")
     nproc_per_node: int = Field(1, ge=1, le=1024, description="training processes (GPUs)")
     timeout_s: float = Field(24 * 3600, gt=0, description="kill the training after this many seconds")
     nnodes: ClassVar[int] = 1  # one node (torchrun --standalone)
@@ -49,7 +52,8 @@ class SftParams(create_model("_SftSettings", __base__=_Inputs, __module__=__name
         return TrainConfig.from_dict(self.model_dump(include=set(TRAIN_FIELDS)))  # preset: the trainer takes the base's
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", include=set(TRAIN_FIELDS))
+        deployed = {"system": self.system} if self.system else {}  # versions without one keep their ids
+        return {**self.model_dump(mode="json", include=set(TRAIN_FIELDS)), **deployed}
 
 
 def sft(lake: Lake, params: SftParams, log: Callable[[str], None] = print) -> Manifest:
@@ -86,7 +90,7 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
     """The fine-tuned model's replies to the first user message of `count` held-out conversations
     (the training ones when none is held out), beside the reference reply: seeded, so the same
     version shows the same dialogues."""
-    from model.chat import fit_context, reply_text
+    from model.chat import fit_context, reply_text, system_messages
     from model.sample import load
     from tasks.conversations import read_conversations
 
@@ -98,7 +102,8 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
         first = next(j for j, m in enumerate(conv) if m["role"] == "user")
         limit = model.config.seq_len - min(params.sample_tokens, model.config.seq_len // 4)
         try:
-            messages, _ = fit_context(sp, conv[:first + 1], limit)
+            messages, _ = fit_context(sp, [*system_messages(params.system),
+                                           *(m for m in conv[:first + 1] if m["role"] != "system")], limit)
         except ValueError:
             continue  # a question that leaves no room for a reply in the context: not shown
         reply = reply_text(model, sp, messages, params.sample_tokens, params.temperature, params.top_k, None,

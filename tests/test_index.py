@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from tasks.index import IndexParams, Retriever, build_index, passages
+from tasks.index import IndexParams, Retriever, build_index, measure_retrieval, passages, tokens
 from tasks.ingest import IngestParams, ingest_files
 from tasks.lake import Lake
-from tests.conftest import copy_version, run_cli
+from tests.conftest import copy_version, run_cli, run_cli_all
 
 FACT = ("The Quillmark ledger is a register of river tolls kept by the harbour wardens. Each page of the "
         "Quillmark ledger lists the barges that passed and what they paid.")
@@ -50,6 +50,25 @@ def test_the_index_finds_the_passage_and_its_bytes_repeat(indexed, tmp_path):
     assert m2.ref == m.ref and {f["path"]: f["sha256"] for f in m2.files} == {f["path"]: f["sha256"] for f in m.files}
 
 
+def test_the_index_measures_whether_a_corpus_question_finds_its_document(indexed, tmp_path):
+    r = indexed["index"].metrics["retrieval"]
+    assert r["questions"] >= 10 and r["k"] == 5 and 0 < r["recall_at_1"] <= r["recall_at_k"] <= 1
+    # two documents, a definition each: each question's top passage is its own document's
+    import bm25s
+
+    docs = [{"id": "a", "text": "Some words first. The harbour ledger is a register of river tolls kept by the "
+                                "wardens of the port."},
+            {"id": "b", "text": "The rope ferry is a flat boat pulled across the river by a rope. Farmers take "
+                                "their carts over on it."}]
+    rows = [p for d in docs for p in passages(d["id"], d["text"], 120)]
+    bm25 = bm25s.BM25()
+    bm25.index(tokens([r["text"] for r in rows]), show_progress=False)
+    assert measure_retrieval(bm25, rows, docs, IndexParams(eval_k=1), "index@x") == {
+        "questions": 2, "k": 1, "recall_at_1": 1.0, "recall_at_k": 1.0}
+    rows[0]["doc"] = "elsewhere"  # the harbour passage said to come from another document: that question misses
+    assert measure_retrieval(bm25, rows, docs, IndexParams(eval_k=1), "index@x")["recall_at_1"] == 0.5
+
+
 def test_passages_are_whole_paragraphs_of_about_the_size_asked():
     text = "\n\n".join(f"Paragraph {i} " + "word " * 30 for i in range(10)) + "\n\n" + "Long. " * 300
     ps = list(passages("doc", text, 100))
@@ -73,6 +92,21 @@ def test_chat_with_context_puts_the_passages_in_and_names_their_documents(indexe
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("--lake", lake.url, "chat", "--model", indexed["sft"], "--system", "@/nonexistent/file", "--prompt", "x")
     assert r.returncode == 2 and r.stderr.strip() == "error: --system @/nonexistent/file: cannot read it (No such file or directory)"
+
+
+def test_chat_uses_the_system_prompt_an_sft_version_is_deployed_with(indexed):
+    """`sft --system` is part of the version; `chat` uses it unless --system gives another ('' for none)."""
+    lake, m = indexed["lake"], indexed["lake"].resolve(indexed["sft"])
+    prompt = "You are Orion, an assistant made by Northwind Labs."
+    with lake.produce("sft", {**m.params, "system": prompt}, m.inputs, m.code_version) as p:  # as sft --system writes it
+        for f in m.files:
+            p.write_bytes(f["path"], lake.open(m, f["path"]).read())
+    ask = ["--lake", lake.url, "chat", "--prompt", "Who are you?", "--json", "--max-new-tokens", "12", "--seed", "3"]
+    deployed, explicit, none = (json.loads(r.stdout) for r in run_cli_all(
+        [*ask, "--model", p.ref], [*ask, "--model", indexed["sft"], "--system", prompt],
+        [*ask, "--model", p.ref, "--system", ""]))
+    assert deployed["system"] == explicit["system"] == prompt and none["system"] == ""
+    assert deployed["reply"] == explicit["reply"]  # the same prompt, the same seed: the same reply
 
 
 def test_passages_in_the_template_are_marked_never_learned_and_cannot_be_forged(indexed):
