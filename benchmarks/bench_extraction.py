@@ -161,6 +161,13 @@ def run() -> None:
                                                  Extract("trafilatura", True).extract, gold, html),
         "trafilatura default": evaluate("ours trafilatura default", Extract("trafilatura", False).extract, gold, html),
         "resiliparse": evaluate("ours resiliparse", Extract("resiliparse").extract, gold, html),
+        # tasks/boilerplate.py after the extractor (FilterParams.strip_boilerplate, on by default)
+        "trafilatura favour_precision + strip_boilerplate": evaluate(
+            "ours trafilatura favour_precision + strip", Extract("trafilatura", True, True).extract, gold, html),
+        "trafilatura default + strip_boilerplate": evaluate(
+            "ours trafilatura default + strip", Extract("trafilatura", False, True).extract, gold, html),
+        "resiliparse + strip_boilerplate": evaluate("ours resiliparse + strip", Extract("resiliparse", True, True).extract,
+                                                    gold, html),
     }
     cmd = "python -m benchmarks.bench_extraction"
     for label, m in ours.items():

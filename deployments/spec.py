@@ -26,7 +26,7 @@ def deployments() -> list[dict]:
          "parameters": WEEKLY_PARAMETERS, "schedule": WEEKLY},
         {"name": "pipeline", "entrypoint": pipeline, "pool": "gpu", "tags": ["pipeline"],
          "description": "The whole pipeline, every stage's parameters in one form."},
-        *({"name": s.name, "entrypoint": f"flows/stages.py:{s.name}", "pool": s.pool, "tags": ["stage"],
+        *({"name": s.name, "entrypoint": f"flows/stages.py:{s.flow_attribute}", "pool": s.pool, "tags": ["stage"],
            "description": s.description[:1].upper() + s.description[1:] + "."} for s in STAGES.values()),
         {"name": "plan", "entrypoint": "flows/plan.py:plan", "pool": "data", "tags": ["plan"],
          "description": "What a whole crawl will cost (crawl2model plan), as a markdown artifact."},

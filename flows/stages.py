@@ -74,7 +74,8 @@ def make_flow(stage: Stage) -> Flow:
 end_flow_runs_without_waiting_for_heartbeats()  # here, not in flows/__init__: a refused command imports no engine
 ask_each_server_once_whether_it_uses_csrf_tokens()
 FLOWS: dict[str, Flow] = {name: make_flow(s) for name, s in STAGES.items()}
-globals().update(FLOWS)  # entrypoints: flows/stages.py:download, flows/stages.py:filter, ...
+# entrypoints: flows/stages.py:download, flows/stages.py:filter, ..., flows/stages.py:quality_model
+globals().update({STAGES[name].flow_attribute: f for name, f in FLOWS.items()})
 
 
 def outcome(state: State) -> Any:

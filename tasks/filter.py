@@ -78,6 +78,8 @@ class FilterParams(StageParams, DatatroveExecutorParams):
     input: str = input_ref("download")
     extractor: Literal["trafilatura", "resiliparse"] = "trafilatura"
     favour_precision: bool = Field(True, description="trafilatura's favor_precision (FineWeb's choice)")
+    strip_boilerplate: bool = Field(True, description="drop the lines of page furniture the extractor lets through "
+                                    "(share bars, related links, bylines, footers: tasks/boilerplate.py)")
     prescreen: bool = Field(True, description="drop pages whose cheap extraction is confidently in another language "
                             "or one repeated phrase before trafilatura runs (tasks.steps.Prescreen)")
     url_filter: bool = True
@@ -87,6 +89,14 @@ class FilterParams(StageParams, DatatroveExecutorParams):
     gopher_quality: GopherQuality = GopherQuality()
     c4_quality: C4Quality = C4Quality()
     fineweb_quality: FineWebQuality = FineWebQuality()
+    quality_model: list[str] = input_ref("quality-model", many=True, max_length=1, description="a quality-model "
+                                         "version (at most one): score every document (column quality_score) and "
+                                         "keep those scored at least --quality-threshold, or the --quality-keep-top "
+                                         "fraction; off by default")
+    quality_threshold: float = Field(0.5, ge=0, le=1, description="with --quality-model: the score a document needs")
+    quality_keep_top: float | None = Field(None, gt=0, le=1, description="with --quality-model: keep about this "
+                                           "fraction of the crawl's documents instead (the threshold is the "
+                                           "model's crawl-sample score quantile)")
     pii: bool = Field(True, description="mask e-mail addresses and public IP addresses")
     removed_sample: int = Field(100, ge=0, le=100_000, description="removed documents kept per filter and task")
     tasks: int = Field(4, ge=1, le=100_000, description="datatrove tasks (output files)")
@@ -104,7 +114,9 @@ class FilterParams(StageParams, DatatroveExecutorParams):
         return sorted(set(v))
 
     def recipe(self) -> dict:
-        return self.model_dump(mode="json", exclude={"input", "rebuild", "workers", *self.NOT_IN_VERSION})
+        unused = set() if self.quality_model else {"quality_threshold", "quality_keep_top"}  # ids kept without one
+        return self.model_dump(mode="json", exclude={"input", "quality_model", "rebuild", "workers",
+                                                      *self.NOT_IN_VERSION, *unused})
 
 
 class FilterError(StageError):
@@ -113,13 +125,12 @@ class FilterError(StageError):
 
 # Points of the funnel, in pipeline order: (meter name, the step it follows).
 def build_pipeline(params: FilterParams, warc_folder, paths: list[str], out_folder, removed_folder,
-                   crawl: str) -> list:
-    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter
+                   crawl: str, quality_model: tuple[str, float] | None = None) -> list:
     from datatrove.pipeline.formatters import PIIFormatter
     from datatrove.pipeline.writers.parquet import ParquetWriter
 
-    from tasks.steps import (CompactURLFilter, Extract, FastGopherRepetition, LanguageId, Meter, Prescreen,
-                             RemovedSample, WarcHtmlReader, document_adapter)
+    from tasks.steps import (CompactURLFilter, Extract, Meter, Prescreen, QualityClassifier, RemovedSample,
+                             WarcHtmlReader, document_adapter)
     from tasks.words import NewDocument, SpacyEnglishSplitter, spacy_english_rules
 
     spacy_english_rules()  # read from spaCy once, here, before the workers start
@@ -137,8 +148,36 @@ def build_pipeline(params: FilterParams, warc_folder, paths: list[str], out_fold
         rep = params.gopher_repetition
         steps += [Prescreen(params.languages, params.language_threshold, rep.top_n_grams if rep.enabled else (),
                             words, exclusion_writer=removed("prescreen")), Meter("prescreen")]
-    steps += [Extract(params.extractor, params.favour_precision), Meter("extracted"),
-              LanguageId(params.languages, params.language_threshold, exclusion_writer=removed("language")),
+    steps += [Extract(params.extractor, params.favour_precision, params.strip_boilerplate), Meter("extracted"),
+              *text_filters(params, removed, words=words)]
+    if params.pii:
+        # One replacement each: datatrove cycles through a list, which depends on document order.
+        steps.append(PIIFormatter(email_replacement="email@example.com", ip_replacement="22.214.171.124"))
+    if quality_model:  # last: the score is of the text as it is kept
+        steps += [QualityClassifier(*quality_model, exclusion_writer=removed("quality")), Meter("quality")]
+    steps.append(ParquetWriter(out_folder, output_filename="${rank}.parquet", adapter=document_adapter,
+                               compression="zstd"))
+    return steps
+
+
+def text_filters(params: FilterParams, removed: Callable[[str], object], words=None, url: bool = False) -> list:
+    """The heuristic filters of extracted text, each followed by its funnel meter: language,
+    Gopher, C4, FineWeb.
+    `url`: the URL blocklist first (the pipeline runs it before extraction). Also what
+    tasks/quality.py runs on a labelled set, so its evaluation is of the filter as it runs."""
+    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter
+
+    from tasks.steps import CompactURLFilter, FastGopherRepetition, LanguageId, Meter
+    from tasks.words import NewDocument, SpacyEnglishSplitter, spacy_english_rules
+
+    steps: list = []
+    if words is None:
+        spacy_english_rules()
+        words = SpacyEnglishSplitter()
+        steps.append(NewDocument(words))
+    if url and params.url_filter:
+        steps += [CompactURLFilter(exclusion_writer=removed("url")), Meter("url")]
+    steps += [LanguageId(params.languages, params.language_threshold, exclusion_writer=removed("language")),
               Meter("language")]
     filters = [
         ("gopher_repetition", params.gopher_repetition, FastGopherRepetition),
@@ -153,11 +192,6 @@ def build_pipeline(params: FilterParams, warc_folder, paths: list[str], out_fold
                 if k in kwargs:
                     kwargs[k] = tuple(tuple(x) for x in kwargs[k])
             steps += [cls(exclusion_writer=removed(name), language=words, **kwargs), Meter(name)]
-    if params.pii:
-        # One replacement each: datatrove cycles through a list, which depends on document order.
-        steps.append(PIIFormatter(email_replacement="email@example.com", ip_replacement="22.214.171.124"))
-    steps.append(ParquetWriter(out_folder, output_filename="${rank}.parquet", adapter=document_adapter,
-                               compression="zstd"))
     return steps
 
 
@@ -251,17 +285,27 @@ def warc_paths(m: Manifest) -> list[str]:
 def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None] = print) -> Manifest:
     from datatrove.io import DataFolder
 
-    source = resolve_inputs(lake, params)["input"]
+    inputs = resolve_inputs(lake, params)
+    source = inputs["input"]
     paths = warc_paths(source)
     if not paths:
         raise FilterError(f"{source.ref} holds no WARC files")
+    classifier = None
+    if inputs["quality_model"]:
+        from tasks.stage import local_file
+
+        qm = inputs["quality_model"][0]
+        threshold = params.quality_threshold
+        if params.quality_keep_top is not None:  # the crawl sample's score at that quantile
+            threshold = qm.metrics["crawl_score_quantiles"][round(100 * (1 - params.quality_keep_top))]
+        classifier = (local_file(lake, qm, "model.bin"), threshold)
 
     def build(prod: Production) -> None:
         def folder(sub: str) -> DataFolder:
             return lake.data_folder(prod.path(sub))
 
         pipeline = build_pipeline(params, lake.data_folder(lake.path(source.kind, source.version)), paths,
-                                  folder("data"), folder("removed"), source.params.get("crawl", "") or "")
+                                  folder("data"), folder("removed"), source.params.get("crawl", "") or "", classifier)
         with ray_cluster(params, lake):
             run_datatrove(pipeline, params.tasks, params.workers, folder("_work/logs"), prod.ref, where=params)
         funnel, counters = read_stats(folder("_work/logs"))
@@ -275,7 +319,8 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
         if funnel[-1]["documents"] == 0:
             raise FilterError(f"no document survived the filters of {prod.ref}:\n{funnel_markdown(funnel)}")
 
-    return run_stage(lake, "filter", params.recipe(), [source.ref], CODE_VERSION, build, rebuild=params.rebuild)
+    return run_stage(lake, "filter", params.recipe(), [source.ref, *(m.ref for m in inputs["quality_model"])],
+                     CODE_VERSION, build, rebuild=params.rebuild)
 
 
 def publish_funnel(funnel: list[dict], ref: str) -> None:

@@ -19,8 +19,8 @@ from typing import Callable, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
-from tasks import (conversations, dedup, download, filter as filter_, index, ingest, pretrain, probe, sft, shard,
-                   tokenizer)
+from tasks import (conversations, dedup, download, filter as filter_, index, ingest, pretrain, probe, quality, sft,
+                   shard, tokenizer)
 from tasks.lake import Lake, Manifest
 from tasks.stage import StageParams, Strict, input_kinds
 
@@ -43,6 +43,11 @@ class Stage:
     def inputs(self) -> dict[str, tuple[str, ...]]:
         """{parameter: accepted kinds}; the first kind is the default and what the pipeline feeds."""
         return input_kinds(self.params)
+
+    @property
+    def flow_attribute(self) -> str:
+        """Its flow's name in flows/stages.py (the deployment's entrypoint): the name as a Python identifier."""
+        return self.name.replace("-", "_")
 
     def defaults(self) -> StageParams | None:
         """The parameters a run starts from; None when some have no default (ingest's files)."""
@@ -97,6 +102,9 @@ for _stage in [
     Stage("probe", probe.ProbeParams, probe.probe, probe.summary,
           "questions a chat model can and cannot know: does it say it is not sure? (examples for the next sft)",
           pool="gpu", in_pipeline=False),
+    Stage("quality-model", quality.QualityModelParams, quality.train_quality_model, quality.summary,
+          "a fastText classifier of reference-like text (reference text vs the crawl's), for filter --quality-model",
+          in_pipeline=False, details=lambda x: ("on the labelled set", x.get("labelled") or [])),
 ]:
     register(_stage)
 

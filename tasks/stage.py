@@ -26,16 +26,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def input_ref(*kinds: str, many: bool = False, description: str | None = None):
+def input_ref(*kinds: str, many: bool = False, description: str | None = None, max_length: int | None = None):
     """A parameter that names an input artifact (a ref), declared on the stage's parameter model:
     the one place the stage graph is written. `kinds` are the kinds it accepts; the first is
     the default (its latest version) and the kind the pipeline feeds it. `many`: a list of refs,
-    empty by default. The registry reads these to wire the pipeline, resolve and check inputs
+    empty by default (at most `max_length`). The registry reads these to wire the pipeline, resolve and check inputs
     before any work, and write the CLI's options."""
     extra = {"kinds": list(kinds)}
     what = description or f"the {' or '.join(kinds)} version{'s' if many else ''} to read (a ref{'s' if many else ''})"
     if many:
-        return Field(default_factory=list, description=what, json_schema_extra=extra)
+        return Field(default_factory=list, description=what, json_schema_extra=extra, max_length=max_length)
     return Field(kinds[0], description=f"{what}; default: {kinds[0]}@latest", json_schema_extra=extra)
 
 

@@ -303,14 +303,22 @@ class Extract(PipelineStep):
 
     type = "🛢 - EXTRAC"
 
-    def __init__(self, extractor: str = "trafilatura", favour_precision: bool = True):
+    def __init__(self, extractor: str = "trafilatura", favour_precision: bool = True, boilerplate: bool = False):
         if extractor not in ("trafilatura", "resiliparse"):
             raise ValueError(f"unknown extractor {extractor!r}")
         self.name = f"⛏ {extractor}"  # before super().__init__(): it names the stats
         super().__init__()
-        self.extractor, self.favour_precision = extractor, favour_precision
+        self.extractor, self.favour_precision, self.boilerplate = extractor, favour_precision, boilerplate
 
     def extract(self, html: str) -> str:
+        text = self._extract(html)
+        if self.boilerplate and text:
+            from tasks.boilerplate import strip_boilerplate
+
+            text = strip_boilerplate(text)  # the lines of page furniture the extractor let through
+        return text
+
+    def _extract(self, html: str) -> str:
         if self.extractor == "trafilatura":
             import trafilatura
 
@@ -397,6 +405,24 @@ def compact_blocklist() -> np.ndarray:
     np.save(tmp, hashes)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
+
+
+class QualityClassifier(BaseFilter):
+    """A quality model's score (tasks/quality.py) in each document's metadata (`quality_score`);
+    documents scored below `threshold` are removed. The model is loaded once per process."""
+
+    name = "🎓 quality classifier"
+
+    def __init__(self, model_path: str, threshold: float, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.model_path, self.threshold = model_path, threshold
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        from tasks.quality import load_model, score
+
+        s = round(score(load_model(self.model_path), doc.text), 4)
+        doc.metadata["quality_score"] = s
+        return True if s >= self.threshold else (False, f"quality_score {s} < {self.threshold:.4f}")
 
 
 class CompactURLFilter(URLFilter):
@@ -513,7 +539,8 @@ def document_adapter(self, doc: Document) -> dict:
     m = doc.metadata
     return {"id": doc.id, "text": doc.text, "url": m.get("url", ""), "crawl": m.get("crawl", ""),
             "date": m.get("date", ""), "language": m.get("language", ""),
-            "language_score": float(m.get("language_score", 0.0)), "extractor": m.get("extractor", "")}
+            "language_score": float(m.get("language_score", 0.0)), "extractor": m.get("extractor", ""),
+            **({"quality_score": float(m["quality_score"])} if "quality_score" in m else {})}
 
 
 # -- running a pipeline ----------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_prefect_yaml_is_written_from_the_registry():
 
     entries = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
     for name, st in STAGES.items():
-        assert entries[name]["entrypoint"] == f"flows/stages.py:{name}"
+        assert entries[name]["entrypoint"] == f"flows/stages.py:{STAGES[name].flow_attribute}"
         assert entries[name]["work_pool"]["name"] == {"data": "crawl2model-process", "gpu": "crawl2model-gpu"}[st.pool]
         fl = load_flow_from_entrypoint(str(ROOT / entries[name]["entrypoint"]))
         assert fl.name == name and set(fl.parameters.properties) == {"params", "lake_url"}
