@@ -8,6 +8,7 @@ BENCHMARKS = [
     "benchmarks.bench_lake",        # lake commit vs plain fsspec write
     "benchmarks.bench_download",    # download vs curl, verification cost
     "benchmarks.bench_extraction",  # extraction F1 on 181 gold pages, per extractor
+    "benchmarks.bench_quality",     # language id lid.176 vs py3langid; the quality classifier vs FineWeb heuristics
     "benchmarks.bench_filter",      # filter CPU-s / 1,000 records and peak RSS vs datatrove's stock FineWeb
     "benchmarks.bench_tokens",      # sentencepiece vs HF tokenizers, encode vs tiktoken, loader vs nanoGPT
     "benchmarks.bench_shard",       # the shard stage on every core vs on one

@@ -271,9 +271,13 @@ def evaluate(labelled: list[dict], model, threshold: float) -> list[dict]:
     for d, passed in zip(labelled, heuristic_verdicts(labelled)):
         d["heuristics"], d["score"] = passed, round(score(model, d["text"]), 4)
     good = sum(d["label"] == "good" for d in labelled)
+    # the same budget as the heuristics: the classifier's top documents, as many as they keep (DCLM's comparison)
+    budget = sum(d["heuristics"] for d in labelled)
+    top = {id(d) for d in sorted(labelled, key=lambda d: -d["score"])[:budget]}
     rows = []
     for name, keep in (("heuristics alone", lambda d: d["heuristics"]),
                        (f"classifier alone (score >= {threshold})", lambda d: d["score"] >= threshold),
+                       ("classifier alone (its top, as many as the heuristics keep)", lambda d: id(d) in top),
                        ("heuristics and classifier", lambda d: d["heuristics"] and d["score"] >= threshold)):
         kept = [d for d in labelled if keep(d)]
         right = sum(d["label"] == "good" for d in kept)

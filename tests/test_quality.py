@@ -60,22 +60,25 @@ def test_the_model_is_trained_evaluated_and_its_bytes_repeat(trained, curated_co
 
 def test_the_labelled_evaluation_counts_what_each_way_keeps(trained):
     m = trained["m"]
-    rows = {r["kept by"].split(" (")[0]: r for r in m.metrics["labelled"]}
-    assert set(rows) == {"heuristics alone", "classifier alone", "heuristics and classifier"}
+    rows = {r["kept by"]: r for r in m.metrics["labelled"]}
+    threshold = trained["params"].threshold
+    at, same = f"classifier alone (score >= {threshold})", "classifier alone (its top, as many as the heuristics keep)"
+    assert set(rows) == {"heuristics alone", at, same, "heuristics and classifier"}
     scored = [json.loads(line) for line in trained["lake"].open(m, "labelled.jsonl").read().decode().splitlines()]
     labels = {json.loads(line)["id"]: json.loads(line)["label"] for line in trained["labelled"].read_text().split("\n") if line}
     assert [s["id"] for s in scored] == list(labels) and len(labels) == 300
     good = sum(v == "good" for v in labels.values())
-    threshold = trained["params"].threshold
+    budget = sum(s["heuristics"] for s in scored)
+    top = {s["id"] for s in sorted(scored, key=lambda s: -s["score"])[:budget]}
     for name, keep in (("heuristics alone", lambda s: s["heuristics"]),
-                       ("classifier alone", lambda s: s["score"] >= threshold),
+                       (at, lambda s: s["score"] >= threshold), (same, lambda s: s["id"] in top),
                        ("heuristics and classifier", lambda s: s["heuristics"] and s["score"] >= threshold)):
         kept = [s for s in scored if keep(s)]
         right = sum(labels[s["id"]] == "good" for s in kept)
         assert (rows[name]["kept"], rows[name]["good kept"], rows[name]["good"]) == (len(kept), right, good)
         assert rows[name]["precision"] == round(right / len(kept), 4) and rows[name]["recall"] == round(right / good, 4)
-    assert rows["heuristics and classifier"]["kept"] <= min(rows["heuristics alone"]["kept"],
-                                                          rows["classifier alone"]["kept"])
+    assert rows["heuristics and classifier"]["kept"] <= min(rows["heuristics alone"]["kept"], rows[at]["kept"])
+    assert rows[same]["kept"] == rows["heuristics alone"]["kept"]
     assert any("precision" in line for line in trained["log"])
 
 
