@@ -16,7 +16,7 @@ import contextlib
 import json
 from typing import Callable, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.cluster import DatatroveExecutorParams, executor_for, ray_cluster
 from tasks.errors import StageError
@@ -85,6 +85,8 @@ class FilterParams(StageParams, DatatroveExecutorParams):
     url_filter: bool = True
     languages: list[str] = Field(["en"], min_length=1, description="ISO 639 codes to keep (the 176 of fastText lid.176)")
     language_threshold: float = Field(0.65, ge=0, le=1)
+    language_id: Literal["lid.176", "py3langid"] = Field("lid.176", description="the language identifier: fastText "
+                                                          "lid.176 (FineWeb's) or py3langid (97 languages)")
     gopher_repetition: GopherRepetition = GopherRepetition()
     gopher_quality: GopherQuality = GopherQuality()
     c4_quality: C4Quality = C4Quality()
@@ -112,6 +114,16 @@ class FilterParams(StageParams, DatatroveExecutorParams):
         if bad:
             raise ValueError(f"unknown language code {bad[0]!r} (fastText lid.176 knows {len(LANGUAGES)} ISO 639 codes)")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _identifier_knows_the_languages(self):
+        if self.language_id == "py3langid":
+            from tasks.lid import py3langid_model
+
+            bad = [x for x in self.languages if x not in py3langid_model().nb_classes]
+            if bad:
+                raise ValueError(f"language_id py3langid does not know the language {bad[0]!r} (lid.176 does)")
+        return self
 
     def recipe(self) -> dict:
         unused = set() if self.quality_model else {"quality_threshold", "quality_keep_top"}  # ids kept without one
@@ -147,7 +159,8 @@ def build_pipeline(params: FilterParams, warc_folder, paths: list[str], out_fold
     if params.prescreen and params.extractor == "trafilatura":  # resiliparse is the cheap extraction itself
         rep = params.gopher_repetition
         steps += [Prescreen(params.languages, params.language_threshold, rep.top_n_grams if rep.enabled else (),
-                            words, exclusion_writer=removed("prescreen")), Meter("prescreen")]
+                            words, exclusion_writer=removed("prescreen"), identifier=params.language_id),
+                  Meter("prescreen")]
     steps += [Extract(params.extractor, params.favour_precision, params.strip_boilerplate), Meter("extracted"),
               *text_filters(params, removed, words=words)]
     if params.pii:
@@ -177,8 +190,8 @@ def text_filters(params: FilterParams, removed: Callable[[str], object], words=N
         steps.append(NewDocument(words))
     if url and params.url_filter:
         steps += [CompactURLFilter(exclusion_writer=removed("url")), Meter("url")]
-    steps += [LanguageId(params.languages, params.language_threshold, exclusion_writer=removed("language")),
-              Meter("language")]
+    steps += [LanguageId(params.languages, params.language_threshold, exclusion_writer=removed("language"),
+                         identifier=params.language_id), Meter("language")]
     filters = [
         ("gopher_repetition", params.gopher_repetition, FastGopherRepetition),
         ("gopher_quality", params.gopher_quality, GopherQualityFilter),

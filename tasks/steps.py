@@ -203,9 +203,10 @@ class Prescreen(BaseFilter):
     name = "🔭 Prescreen"
 
     def __init__(self, languages: list[str], language_threshold: float, top_n_grams=(), words=None,
-                 exclusion_writer=None, ngram_screen_bytes: int = 64 << 10, language_chars: int = 5_000):
+                 exclusion_writer=None, ngram_screen_bytes: int = 64 << 10, language_chars: int = 5_000,
+                 identifier: str = "lid.176"):
         super().__init__(exclusion_writer)
-        self.languages, self.language_threshold = set(languages), language_threshold
+        self.languages, self.language_threshold, self.identifier = set(languages), language_threshold, identifier
         self.top_n_grams, self.words = tuple(tuple(x) for x in top_n_grams), words
         self.ngram_screen_bytes, self.language_chars = ngram_screen_bytes, language_chars
 
@@ -220,7 +221,7 @@ class Prescreen(BaseFilter):
                                   list_bullets=True, noscript=False, comments=False).strip()
         if not text:
             return True  # nothing to judge by: trafilatura decides
-        lang, score = top_language(text, self.language_chars)
+        lang, score = top_language(text, self.language_chars, self.identifier)
         if lang not in self.languages and score >= self.language_threshold:
             return False, f"language_{lang}"
         if self.top_n_grams and len(doc.text) >= self.ngram_screen_bytes:
@@ -361,18 +362,19 @@ class Extract(PipelineStep):
 class LanguageId(BaseFilter):
     """Keeps documents in `languages` whose top language has probability >= threshold, by
     fastText `lid.176` (FineWeb's model and threshold; its compressed `.ftz` form ships with
-    crawl2model, so nothing is downloaded)."""
+    crawl2model, so nothing is downloaded) or py3langid (`identifier`)."""
 
     name = "🌍 Language ID"
 
     def __init__(self, languages: list[str], threshold: float = 0.65, exclusion_writer=None,
-                 max_chars: int = 20_000):
+                 max_chars: int = 20_000, identifier: str = "lid.176"):
         super().__init__(exclusion_writer)
         self.languages, self.threshold, self.max_chars = set(languages), threshold, max_chars
+        self.identifier = identifier
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         # top-1 only: the document is kept when a kept language is the top one with p >= threshold
-        lang, score = top_language(doc.text, self.max_chars)
+        lang, score = top_language(doc.text, self.max_chars, self.identifier)
         doc.metadata["language"], doc.metadata["language_score"] = lang, round(score, 4)
         if lang not in self.languages:
             return False, f"language_{lang}"
