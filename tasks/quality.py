@@ -288,6 +288,11 @@ def evaluate(labelled: list[dict], model, threshold: float) -> list[dict]:
     return rows
 
 
+def table_row(row: dict) -> dict:
+    """A row of the labelled evaluation in reading order (the manifest stores its keys sorted)."""
+    return {k: row[k] for k in ("kept by", "kept", "good kept", "good", "precision", "recall", "f1")}
+
+
 def evaluation_markdown(rows: list[dict]) -> str:
     lines = ["| kept by | kept | precision | recall | F1 |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r['kept by']} | {r['kept']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} |"

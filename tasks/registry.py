@@ -104,7 +104,8 @@ for _stage in [
           pool="gpu", in_pipeline=False),
     Stage("quality-model", quality.QualityModelParams, quality.train_quality_model, quality.summary,
           "a fastText classifier of reference-like text (reference text vs the crawl's), for filter --quality-model",
-          in_pipeline=False, details=lambda x: ("on the labelled set", x.get("labelled") or [])),
+          in_pipeline=False,
+          details=lambda x: ("on the labelled set", [quality.table_row(r) for r in x.get("labelled") or []])),
 ]:
     register(_stage)
 
