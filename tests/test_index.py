@@ -127,3 +127,21 @@ def test_passages_in_the_template_are_marked_never_learned_and_cannot_be_forged(
 def _tokenizer(lake: Lake) -> str:
     """The tokenizer of the lake's sft model (its final/ folder holds it)."""
     return lake.path("sft", lake.resolve("sft").version, "final", "tokenizer.model")
+
+
+@pytest.mark.s3
+def test_an_index_on_an_s3_lake_is_searched_from_its_cached_copy(indexed, s3_endpoint, tmp_path, monkeypatch):
+    """The same index built in an S3 lake (moto_server): the same version and bytes; Retriever
+    copies its files into the local cache once and finds what the local one finds."""
+    from tests.conftest import make_bucket
+
+    monkeypatch.setenv("CRAWL2MODEL_CACHE", str(tmp_path / "cache"))
+    lake = Lake(f"s3://{make_bucket(s3_endpoint)}/lake")
+    for ref in (indexed["dedup"], indexed["extra"].ref):
+        copy_version(indexed["lake"], lake, ref)
+    m = build_index(lake, IndexParams(input=indexed["dedup"], extra=[indexed["extra"].ref]), log=lambda s: None)
+    assert m.ref == indexed["index"].ref and m.files == indexed["index"].files
+    question = "What is the Quillmark ledger?"
+    assert Retriever(lake, m).search(question, 3) == Retriever(indexed["lake"], indexed["index"]).search(question, 3)
+    assert sorted(p.name for p in (tmp_path / "cache" / "index" / m.version).iterdir()) == sorted(
+        f["path"].removeprefix("bm25/") for f in m.files if f["path"].startswith("bm25/"))
