@@ -132,3 +132,29 @@ def test_bad_input_is_one_line_and_labelled_documents_never_train(trained, tmp_p
                 "--labelled", str(bad))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"{bad}:1: expected an object with a text and a label good or bad" in r.stderr and "Flow run" not in r.stderr
+
+
+def test_the_evaluation_is_a_table_in_the_prefect_ui(trained, prefect_server):
+    """`stage quality-model` through its flow on the session's Prefect server: the labelled
+    evaluation is the run's table artifact `quality-evaluation`, the manifest's rows."""
+    import subprocess
+
+    from tests.conftest import BIN
+
+    p = trained["params"]
+    r = subprocess.run([str(BIN / "crawl2model"), "--lake", trained["lake"].url, "stage", "quality-model",
+                        "--negatives", p.negatives, "--positives", *p.positives, "--more-negatives", *p.more_negatives,
+                        "--labelled", p.labelled, "--bucket", str(p.bucket), "--threshold", "0.6"],
+                       capture_output=True, text=True, env=prefect_server["env"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "heuristics and classifier" in r.stdout  # the terminal's table
+    m = max(trained["lake"].versions("quality-model"), key=lambda v: v.created_at)
+    assert m.params["threshold"] == 0.6 and m.flow_run_id
+    found = subprocess.run(["curl", "-sf", "-X", "POST", f"{prefect_server['url']}/api/artifacts/filter",
+                            "-H", "Content-Type: application/json",
+                            "-d", json.dumps({"artifacts": {"key": {"any_": ["quality-evaluation"]}}})],
+                           capture_output=True, text=True, timeout=30)
+    tables = [a for a in json.loads(found.stdout) if a["flow_run_id"] == m.flow_run_id]
+    assert len(tables) == 1 and tables[0]["type"] == "table", found.stdout
+    data = tables[0]["data"]
+    assert (json.loads(data) if isinstance(data, str) else data) == m.metrics["labelled"]
