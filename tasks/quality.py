@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import itertools
 import json
 import os
@@ -114,10 +115,10 @@ def score(model, text: str) -> float:
 
 
 def _sample(docs: Iterable[dict], n: int, seed: int, salt: str) -> list[dict]:
-    """The `n` documents of smallest seeded hash (same sample wherever the documents lie), in that order."""
-    ranked = sorted(((hashlib.sha256(f"{seed}:{salt}:{d['id']}".encode()).hexdigest(), d) for d in docs
-                     if d["text"].strip()), key=lambda x: x[0])
-    return [d for _, d in ranked[:n]]
+    """The `n` documents of smallest seeded hash (same sample wherever the documents lie), in that
+    order; a heap of `n` (heapq.nsmallest): memory does not grow with the corpus."""
+    return heapq.nsmallest(n, (d for d in docs if d["text"].strip()),
+                           key=lambda d: hashlib.sha256(f"{seed}:{salt}:{d['id']}".encode()).hexdigest())
 
 
 def _fingerprint(text: str) -> str:
