@@ -67,19 +67,16 @@ def classifier() -> None:
     sys.path.insert(0, str(ROOT))
     from tasks.download import DownloadParams, download
     from tasks.filter import FilterParams, filter_documents
-    from tasks.ingest import IngestParams, ingest_files
     from tasks.lake import Lake
     from tasks.quality import QualityModelParams, evaluation_markdown, train_quality_model
-    from tests.quality_data import labelled_set, reference_files, unlabelled_crawl_text
+    from tests.quality_data import training_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         lake = Lake(str(work / "lake"))
         dl = download(lake, DownloadParams(files=sorted(str(p) for p in (SHARED / "warc").iterdir())))
         crawl = filter_documents(lake, FilterParams(input=dl.ref, tasks=1, workers=1), log=lambda s: None)
-        positives = [ingest_files(lake, IngestParams(files=[str(p)])).ref for p in reference_files(SHARED, work / "ref")]
-        more = ingest_files(lake, IngestParams(files=[str(unlabelled_crawl_text(SHARED, work / "cc-2019.txt"))])).ref
-        labelled = labelled_set(SHARED, work / "labelled.jsonl")
+        positives, more, labelled = training_inputs(lake, SHARED, work)
         t = time.process_time()
         m = train_quality_model(lake, QualityModelParams(negatives=crawl.ref, positives=positives, more_negatives=[more],
                                                          labelled=str(labelled)), log=lambda s: None)

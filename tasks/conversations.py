@@ -250,8 +250,7 @@ def from_sharegpt(row, name: str, maker: str) -> dict:
     return {"messages": messages}
 
 
-def read_source(fmt: str, path: str, assistant: tuple[str, str] = ("Crawly", "the crawl2model project")
-                ) -> Iterator[tuple[str, object]]:
+def read_source(fmt: str, path: str, assistant: tuple[str, str]) -> Iterator[tuple[str, object]]:
     """(where, a conversation dict or Rejected) for every conversation of one source file;
     `assistant`: the (name, maker) that replace other assistants' in `sharegpt` sources."""
     name = Path(path).name

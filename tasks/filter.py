@@ -21,8 +21,9 @@ from pydantic import Field, field_validator, model_validator
 from tasks.cluster import DatatroveExecutorParams, executor_for, ray_cluster
 from tasks.errors import StageError
 from tasks.lake import Lake, Manifest, Production
+from tasks.lid import IDENTIFIERS
 from tasks.report import runtime
-from tasks.stage import StageParams, Strict, TaskDied, input_ref, resolve_inputs, run_stage
+from tasks.stage import StageParams, Strict, TaskDied, input_ref, local_file, resolve_inputs, run_stage
 
 CODE_VERSION = "filter/3"  # 3: fastText lid.176 for language id, the prescreen before extraction
 
@@ -85,8 +86,8 @@ class FilterParams(StageParams, DatatroveExecutorParams):
     url_filter: bool = True
     languages: list[str] = Field(["en"], min_length=1, description="ISO 639 codes to keep (the 176 of fastText lid.176)")
     language_threshold: float = Field(0.65, ge=0, le=1)
-    language_id: Literal["lid.176", "py3langid"] = Field("lid.176", description="the language identifier: fastText "
-                                                          "lid.176 (FineWeb's) or py3langid (97 languages)")
+    language_id: Literal[IDENTIFIERS] = Field(  # type: ignore[valid-type]
+        "lid.176", description="the language identifier: fastText lid.176 (FineWeb's) or py3langid (97 languages)")
     gopher_repetition: GopherRepetition = GopherRepetition()
     gopher_quality: GopherQuality = GopherQuality()
     c4_quality: C4Quality = C4Quality()
@@ -305,8 +306,6 @@ def filter_documents(lake: Lake, params: FilterParams, log: Callable[[str], None
         raise FilterError(f"{source.ref} holds no WARC files")
     classifier = None
     if inputs["quality_model"]:
-        from tasks.stage import local_file
-
         qm = inputs["quality_model"][0]
         threshold = params.quality_threshold
         if params.quality_keep_top is not None:  # the crawl sample's score at that quantile

@@ -191,14 +191,15 @@ def examples(results: list[dict], system: str = "") -> Iterator[dict]:
     reference answer for a known one; under the system prompt the questions were asked under."""
     from model.chat import system_messages
 
+    opening = system_messages(system)
     for r in results:
         if not r["answerable"]:
             if r["verdict"] == "answered":
-                yield {"messages": [*system_messages(system), {"role": "user", "content": r["question"]},
+                yield {"messages": [*opening, {"role": "user", "content": r["question"]},
                                     {"role": "assistant", "content": NOT_SURE}], "source": f"probe:{r['id']}"}
         elif r.get("reference"):
             answer = r.get("worked") or f"{r['reference'][0].strip().rstrip('.')}."
-            yield {"messages": [*system_messages(system), {"role": "user", "content": r["question"]},
+            yield {"messages": [*opening, {"role": "user", "content": r["question"]},
                                 {"role": "assistant", "content": answer}], "source": f"probe:{r['id']}"}
 
 

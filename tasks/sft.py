@@ -16,7 +16,7 @@ from typing import Callable, ClassVar
 from pydantic import Field, create_model
 
 from model.config import TrainConfig
-from tasks.conversations import ConversationsParams, read_conversations
+from tasks.conversations import read_conversations
 from tasks.lake import Lake, Manifest, Production
 from tasks.pretrain import TRAIN_FIELDS, launch_training, pydantic_fields, record_training
 from tasks.report import runtime
@@ -69,11 +69,9 @@ def sft(lake: Lake, params: SftParams, log: Callable[[str], None] = print) -> Ma
         prod.metrics["dialogues"] = sample_dialogues(lake, prod, conversations, params)
         runtime().markdown("sft-dialogues", dialogues_markdown(prod.ref, prod.metrics["dialogues"]),
                            f"{prod.ref}: its replies to held-out questions")
-        assistant = conversations.params.get("assistant")
-        if assistant or any(fmt == "sharegpt" for _, fmt, _ in conversations.params.get("sources", [])):
-            prod.metrics["identity"] = measure_identity(lake, prod, base, *(assistant or (
-                ConversationsParams.model_fields["assistant_name"].default,
-                ConversationsParams.model_fields["assistant_maker"].default)), log=log)
+        assistant = conversations.params.get("assistant")  # recorded when it teaches an identity
+        if assistant:
+            prod.metrics["identity"] = measure_identity(lake, prod, base, *assistant, log=log)
         held = [c for c in read_conversations(lake, conversations, "val") if c[0]["role"] == "passage"]
         if held:
             prod.metrics["context"] = measure_context(lake, prod, base, held, log)
@@ -92,18 +90,18 @@ def sample_dialogues(lake: Lake, prod: Production, conversations: Manifest, para
     version shows the same dialogues."""
     from model.chat import fit_context, reply_text, system_messages
     from model.sample import load
-    from tasks.conversations import read_conversations
 
     model, _, sp = load(prod.uri("final"), device="cpu", fs=lake.fs)  # the lake's fs: its credentials
     held = list(itertools.islice(read_conversations(lake, conversations, "val"), count)) or \
         list(itertools.islice(read_conversations(lake, conversations, "train"), count))
+    deployed = system_messages(params.system)  # replaces a conversation's own prompt; without it, that stays
     out = []
     for i, conv in enumerate(held):
         first = next(j for j, m in enumerate(conv) if m["role"] == "user")
         limit = model.config.seq_len - min(params.sample_tokens, model.config.seq_len // 4)
         try:
-            messages, _ = fit_context(sp, [*system_messages(params.system),
-                                           *(m for m in conv[:first + 1] if m["role"] != "system")], limit)
+            messages, _ = fit_context(sp, [*deployed, *(m for m in conv[:first + 1]
+                                                        if not (deployed and m["role"] == "system"))], limit)
         except ValueError:
             continue  # a question that leaves no room for a reply in the context: not shown
         reply = reply_text(model, sp, messages, params.sample_tokens, params.temperature, params.top_k, None,

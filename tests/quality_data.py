@@ -20,8 +20,23 @@ CC_2019 = "text/CC-MAIN-20190717121559-20190717143559-00140.jsonl.gz"
 BOOKS = ["project_gutenberg_frankenstein.txt", "project_gutenberg_pride_and_prejudice.txt", "botchan.txt"]
 
 
+def training_inputs(lake, shared_data: Path, work: Path) -> tuple[list[str], str, Path]:
+    """What the test and the benchmark train on, besides the crawl's filter version: the reference
+    files ingested (positives), the unlabelled CC-MAIN-2019 text ingested (more negatives), and the
+    labelled set's file: (positive refs, the negatives' ref, the labelled file)."""
+    from tasks.ingest import IngestParams, ingest_files
+
+    positives = [ingest_files(lake, IngestParams(files=[str(p)])).ref for p in reference_files(shared_data, work)]
+    more = ingest_files(lake, IngestParams(files=[str(unlabelled_crawl_text(shared_data, work / "cc-2019.txt"))])).ref
+    return positives, more, labelled_set(shared_data, work / "labelled.jsonl")
+
+
+def _labels() -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, LABELS.read_text().splitlines())}
+
+
 def labelled_set(shared_data: Path, dest: Path) -> Path:
-    labels = {r["id"]: r for r in map(json.loads, LABELS.read_text().splitlines())}
+    labels = _labels()
     rows = {}
     with gzip.open(shared_data / CC_2019, "rt", encoding="utf-8") as f:
         for line in f:
@@ -36,7 +51,7 @@ def labelled_set(shared_data: Path, dest: Path) -> Path:
 
 def unlabelled_crawl_text(shared_data: Path, dest: Path) -> Path:
     """The CC-MAIN-2019 documents that are not labelled, as text (blank-line separated): more crawl text."""
-    labels = {json.loads(line)["id"] for line in LABELS.read_text().splitlines()}
+    labels = _labels()
     with gzip.open(shared_data / CC_2019, "rt", encoding="utf-8") as f, open(dest, "w", encoding="utf-8") as out:
         for line in f:
             doc = json.loads(line)

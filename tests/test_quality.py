@@ -11,12 +11,13 @@ import pytest
 
 from tasks.download import DownloadParams, download
 from tasks.filter import FilterParams, filter_documents
-from tasks.ingest import IngestParams, ingest_files
 from tasks.lake import Lake
-from tasks.quality import QualityModelError, QualityModelParams, load_model, score, train_quality_model
+from tasks.quality import (QualityModelError, QualityModelParams, load_model, read_labelled, score,
+                           train_quality_model)
 from tasks.stage import document_files, local_file
+from tasks.tokenizer import iter_documents
 from tests.conftest import copy_version, run_cli
-from tests.quality_data import labelled_set, reference_files, unlabelled_crawl_text
+from tests.quality_data import training_inputs
 
 QUICK = {"bucket": 20_000}  # a smaller model file; the other settings are the defaults
 
@@ -27,9 +28,7 @@ def trained(curated_corpus, shared_data, tmp_path_factory):
     on the labelled set (its lake is the curated corpus's: other kinds may be added there)."""
     work = tmp_path_factory.mktemp("quality")
     lake = Lake(curated_corpus["lake"])
-    positives = [ingest_files(lake, IngestParams(files=[str(p)])).ref for p in reference_files(shared_data, work)]
-    more = ingest_files(lake, IngestParams(files=[str(unlabelled_crawl_text(shared_data, work / "cc-2019.txt"))])).ref
-    labelled = labelled_set(shared_data, work / "labelled.jsonl")
+    positives, more, labelled = training_inputs(lake, shared_data, work)
     params = QualityModelParams(negatives=curated_corpus["filter"], positives=positives, more_negatives=[more],
                                 labelled=str(labelled), **QUICK)
     lines: list[str] = []
@@ -65,7 +64,7 @@ def test_the_labelled_evaluation_counts_what_each_way_keeps(trained):
     at, same = f"classifier alone (score >= {threshold})", "classifier alone (its top, as many as the heuristics keep)"
     assert set(rows) == {"heuristics alone", at, same, "heuristics and classifier"}
     scored = [json.loads(line) for line in trained["lake"].open(m, "labelled.jsonl").read().decode().splitlines()]
-    labels = {json.loads(line)["id"]: json.loads(line)["label"] for line in trained["labelled"].read_text().split("\n") if line}
+    labels = {d["id"]: d["label"] for d in read_labelled(str(trained["labelled"]))}
     assert [s["id"] for s in scored] == list(labels) and len(labels) == 300
     good = sum(v == "good" for v in labels.values())
     budget = sum(s["heuristics"] for s in scored)
@@ -119,7 +118,7 @@ def documents(lake: Lake, m) -> list[dict]:
 def test_bad_input_is_one_line_and_labelled_documents_never_train(trained, tmp_path):
     lake, params = trained["lake"], trained["params"]
     leaky = tmp_path / "leaky.jsonl"  # a labelled "document" that is one of the training documents
-    doc = next(iter(__import__("tasks.tokenizer", fromlist=["x"]).iter_documents(lake, lake.resolve(params.negatives))))
+    doc = next(iter_documents(lake, lake.resolve(params.negatives)))
     leaky.write_text(json.dumps({"text": doc["text"], "label": "bad"}) + "\n")
     with pytest.raises(QualityModelError, match="are among the training examples"):
         train_quality_model(lake, params.model_copy(update={"labelled": str(leaky), "max_examples": 100_000}),
